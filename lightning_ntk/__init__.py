@@ -1,0 +1,28 @@
+"""lightning-ntk: neural-tangent-kernel surrogates of a network, their fidelity, and data attribution."""
+
+from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, project_features
+from .jacobian import FunctionalForwardError, NonFiniteGradientError, PerExampleGradients, select_parameters
+from .kernels import entk_from_features, exact_kernel, feature_norms, kernel_blocks, kernel_from_features
+from .projection import RandomProjector
+from .task import Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FeatureSpec",
+    "Featurizer",
+    "FunctionalForwardError",
+    "NonFiniteGradientError",
+    "PerExampleGradients",
+    "RandomProjector",
+    "Task",
+    "embedding_features",
+    "entk_from_features",
+    "exact_kernel",
+    "feature_norms",
+    "gradient_features",
+    "kernel_blocks",
+    "kernel_from_features",
+    "project_features",
+    "select_parameters",
+]

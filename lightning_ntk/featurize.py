@@ -1,0 +1,246 @@
+"""Stream data through a network and turn each example into kernel features.
+
+Feature kinds: projected per-class gradients ``[N, C, K]`` (proj-trNTK), projected gradients of the
+summed logits ``[N, K]`` (proj-pNTK), the raw gradients themselves (exact trNTK/pNTK/eNTK, small
+models only) and layer outputs ``[N, D]`` (em, ck baselines). Kernels are inner products of these
+features (see :mod:`lightning_ntk.kernels`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .jacobian import ParamSelection, PerExampleGradients, check_logits, eval_mode, parameter_fingerprint
+from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, check_projection_dim
+from .task import Task, batch_size_of, is_raw_inputs, iter_batches, move_inputs
+
+GRADIENT_KINDS = ("trntk", "trntk0", "pntk", "entk")
+EMBEDDING_KINDS = ("em", "ck")
+KERNEL_KINDS = GRADIENT_KINDS + EMBEDDING_KINDS
+_ALIASES = {"proj_trntk": "trntk", "proj-trntk": "trntk", "proj_pntk": "pntk", "proj-pntk": "pntk"}
+
+
+def canonical_kind(kind: str) -> str:
+    kind = _ALIASES.get(kind.lower(), kind.lower()) if isinstance(kind, str) else kind
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"Unknown kernel kind {kind!r}; choose one of {KERNEL_KINDS} (or proj_trntk / proj_pntk).")
+    return kind
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a set of features was computed from. Kernels may only combine features with equal specs."""
+
+    kind: str
+    projection_dim: int | None
+    projector: str | None
+    seed: int | None
+    num_parameters: int
+    parameters: str  # fingerprint of the selected parameters' names, shapes and values
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters(), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.get_default_dtype())
+
+
+def stream_features(
+    model: nn.Module,
+    data: Any,
+    featurize_batch: Callable[[Any], torch.Tensor],
+    task: Task | None = None,
+    batch_size: int = 64,
+    progress: bool | str = False,
+) -> torch.Tensor:
+    """Apply ``featurize_batch`` to the model inputs of every batch of ``data`` and concatenate the
+    results on the CPU. ``data`` is a tensor/dict of inputs or an iterable of batches."""
+    task = task or Task()
+    raw = is_raw_inputs(data)
+    device, dtype = _model_device_dtype(model)
+    batches = iter_batches(data, batch_size)
+    if progress:
+        total = None
+        if raw:
+            total = -(-batch_size_of(data) // batch_size)
+        elif hasattr(data, "__len__"):
+            total = len(data)
+        batches = tqdm(batches, total=total, desc=progress if isinstance(progress, str) else "featurizing", leave=False)
+    out = []
+    for batch in batches:
+        inputs = batch if raw else task.get_inputs(batch)
+        if batch_size_of(inputs) == 0:
+            continue
+        out.append(featurize_batch(move_inputs(inputs, device, dtype)).cpu())
+    if not out:
+        raise ValueError("The data holds no examples: pass a non-empty tensor or DataLoader.")
+    return torch.cat(out)
+
+
+class Featurizer:
+    """Projected NTK features of a model: ``[N, C, K]`` for ``kind="trntk"``, ``[N, K]`` for ``"pntk"``.
+
+    Peak memory: ``chunk_size·C·P`` floats of per-example gradients, plus ``K·P`` floats of the
+    projection matrix when that fits ``memory_budget`` (else one 16 MiB block of it), plus the
+    ``N·C·K`` output. ``chunk_size`` defaults to what fits a quarter of ``memory_budget``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kind: str = "trntk",
+        projection_dim: int = 1024,
+        projector: str = "rademacher",
+        seed: int = 0,
+        params: ParamSelection = None,
+        task: Task | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        chunk_size: int | None = None,
+    ):
+        self.kind = canonical_kind(kind)
+        if self.kind not in ("trntk", "trntk0", "pntk"):
+            raise ValueError(f"Projected features exist for trntk and pntk only, not {kind!r}; use exact_kernel for it.")
+        self.model = model
+        self.task = task or Task()
+        self.gradients = PerExampleGradients(model, params, self.task)
+        self.projector = RandomProjector(self.gradients.num_parameters, projection_dim, projector, seed, memory_budget)
+        self.memory_budget = memory_budget
+        self.chunk_size = chunk_size
+
+    @property
+    def summed(self) -> bool:
+        return self.kind == "pntk"
+
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec(
+            kind=self.kind,
+            projection_dim=self.projector.projection_dim,
+            projector=self.projector.kind,
+            seed=self.projector.seed,
+            num_parameters=self.gradients.num_parameters,
+            parameters=parameter_fingerprint(self.gradients.params),
+        )
+
+    def featurize_batch(self, inputs: Any) -> torch.Tensor:
+        classes = 1 if self.summed else self.gradients.num_classes(inputs)
+        if self.chunk_size is None:
+            per_example = classes * self.gradients.num_parameters * 4
+            self.gradients.chunk_size = max(1, self.memory_budget // 4 // per_example)
+        else:
+            self.gradients.chunk_size = self.chunk_size
+        return self.projector.project(self.gradients(inputs, summed=self.summed))
+
+    def __call__(self, data: Any, batch_size: int = 64, progress: bool | str = False) -> torch.Tensor:
+        return stream_features(self.model, data, self.featurize_batch, self.task, batch_size, progress)
+
+
+def project_features(
+    model: nn.Module,
+    data: Any,
+    kind: str = "trntk",
+    projection_dim: int = 1024,
+    projector: str = "rademacher",
+    seed: int = 0,
+    *,
+    params: ParamSelection = None,
+    task: Task | None = None,
+    batch_size: int = 64,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool | str = False,
+) -> torch.Tensor:
+    """Random-projection NTK features: ``[N, C, K]`` for ``kind="trntk"`` (proj-trNTK), ``[N, K]`` for
+    ``kind="pntk"`` (proj-pNTK). ``data`` is a tensor of inputs or a DataLoader of batches.
+
+    Kernels follow with :func:`lightning_ntk.kernel_from_features`. See :class:`Featurizer` for memory.
+    """
+    featurizer = Featurizer(model, kind, projection_dim, projector, seed, params, task, memory_budget)
+    return featurizer(data, batch_size=batch_size, progress=progress)
+
+
+def gradient_features(
+    model: nn.Module,
+    data: Any,
+    kind: str = "trntk",
+    *,
+    params: ParamSelection = None,
+    task: Task | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Exact (unprojected) gradients: ``[N, C, P]`` for trntk/trntk0/entk, ``[N, P]`` for pntk."""
+    kind = canonical_kind(kind)
+    gradients = PerExampleGradients(model, params, task)
+
+    def featurize_batch(inputs):
+        gradients.num_classes(inputs)  # refuses non-logit outputs with a clear message
+        return gradients(inputs, summed=kind == "pntk")
+
+    return stream_features(model, data, featurize_batch, task, batch_size)
+
+
+def _last_linear(model: nn.Module, inputs: Any, task: Task) -> nn.Module:
+    order: list[nn.Module] = []
+    handles = [m.register_forward_hook(lambda mod, a, o: order.append(mod)) for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            task.forward(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        raise ValueError("The ck kernel needs a final nn.Linear layer, and the model ran none; use kind='em' with layers=[...].")
+    return order[-1]
+
+
+def embedding_features(
+    model: nn.Module,
+    data: Any,
+    kind: str = "em",
+    layers: Sequence[str] | None = None,
+    *,
+    task: Task | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Layer-output features ``[N, D]`` for the embedding baselines.
+
+    ``em``: the outputs of ``layers`` (module names; default every Linear/Conv layer but the last
+    linear one), each flattened per example and concatenated, so that ``<h(x), h(x')>`` sums over layers.
+    ``ck``: the input of the final linear layer (the penultimate representation).
+    """
+    kind = canonical_kind(kind)
+    task = task or Task()
+    modules = dict(model.named_modules())
+    unknown = [n for n in (layers or []) if n not in modules]
+    if unknown:
+        raise ValueError(f"Unknown layer names {unknown}; choose among {[n for n in modules if n][:12]}.")
+
+    def featurize_batch(inputs):
+        captured: list[torch.Tensor] = []
+        with eval_mode(model), torch.no_grad():
+            if kind == "ck":
+                targets = [_last_linear(model, inputs, task)]
+                hook = lambda mod, args, out: captured.append(args[0])  # noqa: E731
+            else:
+                last = _last_linear(model, inputs, task) if layers is None else None
+                targets = [modules[n] for n in layers] if layers is not None else [
+                    m for m in model.modules()
+                    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m is not last
+                ]
+                hook = lambda mod, args, out: captured.append(out)  # noqa: E731
+            handles = [m.register_forward_hook(hook) for m in targets]
+            try:
+                check_logits(task.forward(model, inputs), batch_size_of(inputs))
+            finally:
+                for h in handles:
+                    h.remove()
+        if not captured:
+            raise ValueError("None of the chosen layers ran in the forward pass; check layers=[...].")
+        return torch.cat([h.reshape(h.shape[0], -1) for h in captured], dim=1)
+
+    return stream_features(model, data, featurize_batch, task, batch_size)

@@ -1,0 +1,198 @@
+"""Per-example, per-class gradients ``g_c(x) = ∂f_c(x)/∂θ`` of a classifier, with ``torch.func``.
+
+This is the generic path: it works for any module that ``torch.func.functional_call`` can run, and it
+materialises ``[B, C, P]`` gradients per chunk of examples, so its memory is ``chunk·C·P`` floats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+from typing import Any, Iterable, Iterator, Sequence, Union
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, grad, vmap
+from torch.utils._pytree import tree_map
+
+from .task import Task, batch_size_of, slice_inputs
+
+ParamSelection = Union[None, str, nn.Module, Sequence[Union[str, nn.Module]]]
+
+
+class FunctionalForwardError(RuntimeError):
+    """The model's forward pass cannot run under ``torch.func`` transforms."""
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A per-example gradient holds NaN or inf."""
+
+
+def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[str, nn.Parameter]:
+    """The parameters whose gradients define the kernel, by name.
+
+    ``params`` may be ``None`` (every parameter with ``requires_grad``), a glob pattern or exact name
+    (``"fc2.*"``, ``"classifier"`` matches the module ``classifier`` and everything under it), a
+    submodule of ``model``, or a list of these.
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        selected = {n: p for n, p in named.items() if p.requires_grad}
+        if not selected:
+            raise ValueError("The model has no parameter with requires_grad=True; pass params=... to choose some.")
+        return selected
+    items = [params] if isinstance(params, (str, nn.Module)) else list(params)
+    module_names = {id(m): n for n, m in model.named_modules()}
+    wanted: dict[str, nn.Parameter] = {}
+    for item in items:
+        if isinstance(item, nn.Module):
+            if id(item) not in module_names:
+                raise ValueError(f"The module {type(item).__name__} passed in params is not part of the model.")
+            prefix = module_names[id(item)]
+            hits = {f"{prefix}.{n}" if prefix else n: p for n, p in item.named_parameters()}
+        else:
+            hits = {
+                n: p
+                for n, p in named.items()
+                if fnmatch.fnmatchcase(n, item) or n.startswith(item + ".")
+            }
+        if not hits:
+            sample = ", ".join(list(named)[:8]) + (", ..." if len(named) > 8 else "")
+            raise ValueError(
+                f"The parameter selection {item!r} matches no parameter of the model. "
+                f"Parameter names look like: {sample}. Use a glob such as 'fc.*' or a submodule."
+            )
+        wanted.update(hits)
+    # Keep the model's own order, so that the flattened layout does not depend on how params were listed.
+    return {n: p for n, p in named.items() if n in wanted}
+
+
+def parameter_fingerprint(params: dict[str, torch.Tensor]) -> str:
+    """A short hash of the selected parameters' names, shapes and values: two featurisations with the
+    same fingerprint describe the same network state."""
+    h = hashlib.sha256()
+    for name, p in params.items():
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode (BatchNorm uses running stats, Dropout is off) and restore each
+    submodule's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
+def _locate_failure(model: nn.Module, run) -> str:
+    """Re-run ``run`` with hooks that track which module is executing, and name the innermost one."""
+    stack: list[nn.Module] = []
+    names = {m: n for n, m in model.named_modules()}
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(lambda mod, args: stack.append(mod)))
+        handles.append(m.register_forward_hook(lambda mod, args, out: stack.pop()))
+    try:
+        run()
+    except Exception:
+        if stack:
+            return f"module '{names[stack[-1]] or '<model>'}' ({type(stack[-1]).__name__})"
+    finally:
+        for h in handles:
+            h.remove()
+    return "the model's forward"
+
+
+def check_logits(output: Any, batch_size: int) -> torch.Tensor:
+    """Refuse anything but a ``[B, C]`` floating tensor of logits."""
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"The model returned {type(output).__name__}, not a tensor of logits. Return the [batch, classes] "
+            "logits from forward (e.g. `return out.logits`), or wrap the model so that it does."
+        )
+    if output.ndim != 2 or output.shape[0] != batch_size or not output.is_floating_point():
+        raise ValueError(
+            f"The model must return classification logits of shape [batch, classes] = [{batch_size}, C] "
+            f"(a single column for a binary classifier), but returned {tuple(output.shape)} ({output.dtype}). "
+            "Reshape the output in forward, or wrap the model, so that it returns [B, C] logits before any softmax."
+        )
+    return output
+
+
+class PerExampleGradients:
+    """Computes ``[B, C, P]`` per-example, per-class gradients (or ``[B, P]`` gradients of the summed
+    logits, for the pNTK) of the selected parameters, ``chunk_size`` examples at a time.
+
+    The model is run in eval mode with its buffers frozen; parameters outside the selection are
+    treated as constants. ``P`` is the total size of the selected parameters, in their model order.
+    """
+
+    def __init__(self, model: nn.Module, params: ParamSelection = None, task: Task | None = None, chunk_size: int = 16):
+        self.model = model
+        self.task = task or Task()
+        self.params = select_parameters(model, params)
+        self.num_parameters = sum(p.numel() for p in self.params.values())
+        self.chunk_size = max(1, int(chunk_size))
+
+    def _logits_fn(self, summed: bool):
+        buffers = dict(self.model.named_buffers())
+
+        def logits(params: dict[str, torch.Tensor], single_input: Any) -> torch.Tensor:
+            batched = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, single_input)
+            args, kwargs = self.task.arguments(batched)
+            out = functional_call(self.model, (params, buffers), args=args, kwargs=kwargs).squeeze(0)
+            return out.sum() if summed else out
+
+        return logits
+
+    def num_classes(self, inputs: Any) -> int:
+        """Check the model's output on a batch and return its number of logits."""
+        with torch.no_grad(), eval_mode(self.model):
+            out = self.task.forward(self.model, inputs)
+        return check_logits(out, batch_size_of(inputs)).shape[1]
+
+    def __call__(self, inputs: Any, summed: bool = False) -> torch.Tensor:
+        """Gradients for one batch of inputs, flattened over parameters: ``[B, C, P]`` (``[B, P]`` when
+        ``summed``)."""
+        n = batch_size_of(inputs)
+        params = {k: v.detach() for k, v in self.params.items()}
+        fn = self._logits_fn(summed)
+        transform = vmap(grad(fn) if summed else jacrev(fn), in_dims=(None, 0))
+        chunks = []
+        with eval_mode(self.model):
+            for start in range(0, n, self.chunk_size):
+                chunk = slice_inputs(inputs, start, start + self.chunk_size)
+                try:
+                    grads = transform(params, chunk)
+                except Exception as err:
+                    if isinstance(err, (TypeError, ValueError)) and "logits" in str(err):
+                        raise
+                    where = _locate_failure(self.model, lambda: transform(params, slice_inputs(chunk, 0, 1)))
+                    raise FunctionalForwardError(
+                        f"The model's forward failed under torch.func (vmap/jacrev) in {where}: {err}. "
+                        "Layers with data-dependent control flow, in-place updates of buffers or .item() calls "
+                        "cannot be vmapped: restrict the kernel to parameters after them with params=..., "
+                        "or make sure the model runs in eval mode (BatchNorm/Dropout) without such calls."
+                    ) from err
+                chunks.append(self._flatten(grads, summed))
+        return torch.cat(chunks)
+
+    def _flatten(self, grads: dict[str, torch.Tensor], summed: bool) -> torch.Tensor:
+        lead = 1 if summed else 2
+        flat = []
+        for name, g in grads.items():
+            if not torch.isfinite(g).all():
+                raise NonFiniteGradientError(
+                    f"The per-example gradient of parameter '{name}' holds NaN or inf. Check the inputs for "
+                    "NaN/inf, lower the learning rate if training diverged, or exclude the parameter with params=..."
+                )
+            flat.append(g.reshape(*g.shape[:lead], -1))
+        return torch.cat(flat, dim=-1)

@@ -1,0 +1,120 @@
+"""Kernel matrices as inner products of features, assembled in row blocks.
+
+For trNTK features ``[N, C, K]`` the kernel ``Σ_c <φ_c(x), φ_c(x')>`` is the inner product of the
+flattened ``C·K`` vectors, so every kind reduces to one matrix product per block. Cosine
+normalisation divides by the square roots of each side's self-kernel, which are row norms and
+never need the full ``N×N`` matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .featurize import EMBEDDING_KINDS, canonical_kind, embedding_features, gradient_features
+from .jacobian import ParamSelection
+from .task import Task
+
+DEFAULT_BLOCK_SIZE = 1024
+
+
+def _flat(features: Any, rows: slice = slice(None)) -> torch.Tensor:
+    block = features[rows]
+    block = torch.as_tensor(np.asarray(block)) if not isinstance(block, torch.Tensor) else block
+    return block.reshape(block.shape[0], -1)
+
+
+def _check_features(features: Any, name: str) -> None:
+    if features is None or len(features.shape) not in (2, 3):
+        raise ValueError(f"{name} must be [N, K] or [N, C, K] features, got shape {getattr(features, 'shape', None)}.")
+    if features.shape[0] == 0:
+        raise ValueError(f"{name} holds no examples.")
+
+
+def feature_norms(features: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+    """``sqrt(κ(x, x))`` for every row: the normaliser of the cosine kernel."""
+    return torch.cat(
+        [_flat(features, slice(s, s + block_size)).norm(dim=1) for s in range(0, features.shape[0], block_size)]
+    )
+
+
+def kernel_blocks(
+    features_a: Any,
+    features_b: Any = None,
+    normalize: bool = True,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    norms_b: torch.Tensor | None = None,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(rows, κ(A[rows], B))`` blocks of ``block_size`` rows of A against all of B.
+
+    Features may be tensors or numpy arrays (memmaps included); only one block of A is in memory at a
+    time. ``norms_b`` (see :func:`feature_norms`) can be passed to avoid recomputing B's norms.
+    """
+    _check_features(features_a, "features_a")
+    features_b = features_a if features_b is None else features_b
+    _check_features(features_b, "features_b")
+    if features_a.shape[1:] != features_b.shape[1:]:
+        raise ValueError(
+            f"Cannot take a kernel between features of shapes {tuple(features_a.shape[1:])} and "
+            f"{tuple(features_b.shape[1:])} per example: both sides need the same kind, classes and projection_dim."
+        )
+    b = _flat(features_b)
+    if normalize:
+        nb = feature_norms(features_b, block_size) if norms_b is None else norms_b
+        b = b / nb.clamp_min(torch.finfo(b.dtype).tiny).unsqueeze(1).to(b.dtype)
+    for start in range(0, features_a.shape[0], block_size):
+        rows = slice(start, min(start + block_size, features_a.shape[0]))
+        a = _flat(features_a, rows).to(b.dtype)
+        if normalize:
+            a = a / a.norm(dim=1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+        yield rows, a @ b.T
+
+
+def kernel_from_features(
+    features_a: Any, features_b: Any = None, normalize: bool = True, block_size: int = DEFAULT_BLOCK_SIZE
+) -> torch.Tensor:
+    """``κ(A, B)`` as an ``[Na, Nb]`` matrix (``B = A`` when omitted).
+
+    ``normalize=True`` gives the cosine-normalised kernel (trNTK, pNTK); ``False`` the raw one
+    (trNTK⁰). For row blocks without the full matrix, use :func:`kernel_blocks`.
+    """
+    return torch.cat([block for _, block in kernel_blocks(features_a, features_b, normalize, block_size)])
+
+
+def entk_from_features(features_a: torch.Tensor, features_b: torch.Tensor | None = None) -> torch.Tensor:
+    """The full eNTK ``Θ[a, b, c, c'] = <g_c(x_a), g_c'(x_b)>`` from ``[N, C, P]`` gradients."""
+    features_b = features_a if features_b is None else features_b
+    return torch.einsum("acp,bdp->abcd", features_a, features_b)
+
+
+def exact_kernel(
+    model: nn.Module,
+    inputs_a: Any,
+    inputs_b: Any = None,
+    kind: str = "trntk",
+    *,
+    params: ParamSelection = None,
+    layers: Sequence[str] | None = None,
+    task: Task | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """The exact kernel between two sets of inputs (tensors or DataLoaders): ``[Na, Nb]``, or
+    ``[Na, Nb, C, C]`` for ``kind="entk"``. ``B = A`` when ``inputs_b`` is omitted.
+
+    Kinds: ``trntk`` (cosine-normalised trace NTK), ``trntk0`` (unnormalised), ``pntk``, ``entk``,
+    ``em`` (outputs of ``layers``), ``ck`` (input of the last linear layer). Gradient kinds hold all
+    ``N·C·P`` gradients in memory: use :func:`project_features` for large models.
+    """
+    kind = canonical_kind(kind)
+    if kind in EMBEDDING_KINDS:
+        featurize = lambda data: embedding_features(model, data, kind, layers, task=task, batch_size=batch_size)  # noqa: E731
+    else:
+        featurize = lambda data: gradient_features(model, data, kind, params=params, task=task, batch_size=batch_size)  # noqa: E731
+    features_a = featurize(inputs_a)
+    features_b = None if inputs_b is None else featurize(inputs_b)
+    if kind == "entk":
+        return entk_from_features(features_a, features_b)
+    return kernel_from_features(features_a, features_b, normalize=kind != "trntk0")

@@ -1,0 +1,82 @@
+"""Every bad input of the kernel engine gets a clear error that says how to fix it."""
+
+import pytest
+import torch
+from models import mlp
+from torch import nn
+
+import lightning_ntk as ln
+
+
+def test_output_that_is_not_logits():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Flatten(0))  # returns [B*3]
+    with pytest.raises(ValueError, match=r"logits of shape \[batch, classes\]"):
+        ln.project_features(model, torch.randn(5, 4), projection_dim=8)
+    with pytest.raises(ValueError, match=r"\[batch, classes\]"):
+        ln.exact_kernel(model, torch.randn(5, 4))
+    with pytest.raises(ValueError, match=r"\[batch, classes\]"):
+        ln.exact_kernel(model, torch.randn(5, 4), kind="ck")
+
+
+def test_output_that_is_not_a_tensor():
+    class ReturnsDict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"logits": self.lin(x)}
+
+    with pytest.raises(TypeError, match="not a tensor of logits"):
+        ln.exact_kernel(ReturnsDict(), torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("k", [0, -5, 2.5])
+def test_bad_projection_dim(k):
+    with pytest.raises(ValueError, match="projection_dim must be a positive integer"):
+        ln.project_features(mlp(), torch.randn(3, 6), projection_dim=k)
+
+
+def test_parameter_selection_matching_nothing():
+    with pytest.raises(ValueError, match="matches no parameter.*Parameter names look like: 0.weight"):
+        ln.exact_kernel(mlp(), torch.randn(3, 6), params="encoder.*")
+    with pytest.raises(ValueError, match="not part of the model"):
+        ln.exact_kernel(mlp(), torch.randn(3, 6), params=nn.Linear(2, 2))
+
+
+def test_non_finite_gradient_names_the_parameter():
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("inf")
+    with pytest.raises(ln.NonFiniteGradientError, match="parameter '(0|2|4)\\.(weight|bias)'"):
+        ln.project_features(model, torch.randn(3, 6), projection_dim=8)
+
+
+def test_empty_data():
+    with pytest.raises(ValueError, match="holds no examples"):
+        ln.project_features(mlp(), torch.randn(0, 6), projection_dim=8)
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(0, 6), torch.zeros(0)), batch_size=4)
+    with pytest.raises(ValueError, match="holds no examples"):
+        ln.exact_kernel(mlp(), empty)
+
+
+def test_forward_that_fails_under_torch_func_names_the_module():
+    class ItemCall(nn.Module):
+        def forward(self, h):
+            return h * float(h.sum().item() > 0)  # .item() cannot run under vmap
+
+    model = nn.Sequential(nn.Linear(4, 5), ItemCall(), nn.Linear(5, 2))
+    with pytest.raises(ln.FunctionalForwardError, match=r"module '1' \(ItemCall\).*params=\.\.\."):
+        ln.project_features(model, torch.randn(3, 4), projection_dim=8)
+
+
+def test_unsupported_batch_type():
+    with pytest.raises(TypeError, match="Task\\(inputs="):
+        ln.exact_kernel(mlp(), [object(), object()])
+
+
+def test_unknown_kind_and_projector():
+    with pytest.raises(ValueError, match="Unknown kernel kind"):
+        ln.exact_kernel(mlp(), torch.randn(3, 6), kind="rbf")
+    with pytest.raises(ValueError, match="Unknown projector"):
+        ln.project_features(mlp(), torch.randn(3, 6), projector="sparse")

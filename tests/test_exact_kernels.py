@@ -1,0 +1,124 @@
+"""Exact kernels against a brute-force loop of torch.autograd.grad calls, one per example and class."""
+
+import pytest
+import torch
+from models import DictModel, SmallCNN, dict_inputs, mlp
+from torch import nn
+
+import lightning_ntk as ln
+
+
+def brute_force_gradients(model, inputs, params=None):
+    """[N, C, P] per-example, per-class gradients, one autograd.grad call at a time."""
+    model.eval()
+    chosen = [p for n, p in model.named_parameters() if params is None or n in params]
+    n = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
+    rows = []
+    for i in range(n):
+        if isinstance(inputs, dict):
+            out = model(**{k: v[i : i + 1] for k, v in inputs.items()})[0]
+        else:
+            out = model(inputs[i : i + 1])[0]
+        rows.append(torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(out[c], chosen, retain_graph=True)]) for c in range(out.shape[0])]))
+    return torch.stack(rows)
+
+
+def brute_force_kernel(ga, gb, kind):
+    if kind == "entk":
+        return torch.einsum("acp,bdp->abcd", ga, gb)
+    if kind == "pntk":
+        ga, gb = ga.sum(1, keepdim=True), gb.sum(1, keepdim=True)
+    k = torch.einsum("acp,bcp->ab", ga, gb)
+    if kind == "trntk0":
+        return k
+    na = torch.einsum("acp,acp->a", ga, ga).sqrt()
+    nb = torch.einsum("acp,acp->a", gb, gb).sqrt()
+    return k / na[:, None] / nb[None, :]
+
+
+CASES = {
+    "mlp": (lambda: mlp().double(), lambda: torch.randn(7, 6, dtype=torch.float64)),
+    "cnn_batchnorm": (lambda: SmallCNN().double(), lambda: torch.randn(6, 2, 7, 7, dtype=torch.float64)),
+    "dict_batch": (lambda: DictModel().double(), lambda: dict_inputs()),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind", ["trntk", "trntk0", "pntk", "entk"])
+def test_gradient_kernels_match_brute_force(case, kind):
+    make_model, make_inputs = CASES[case]
+    model, inputs = make_model(), make_inputs()
+    model.train()  # the engine must switch BatchNorm to eval itself, and restore the mode
+    a = inputs if not isinstance(inputs, torch.Tensor) else inputs[:4]
+    b = inputs
+    got = ln.exact_kernel(model, a, b, kind=kind, batch_size=3)
+    assert model.training and all(m.training for m in model.modules())
+    want = brute_force_kernel(brute_force_gradients(model, a), brute_force_gradients(model, b), kind)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-10)
+
+
+def test_square_kernel_when_second_input_omitted():
+    model, x = mlp().double(), torch.randn(5, 6, dtype=torch.float64)
+    k = ln.exact_kernel(model, x)
+    torch.testing.assert_close(k, k.T)
+    torch.testing.assert_close(k.diag(), torch.ones(5, dtype=torch.float64))
+
+
+def test_parameter_subset_by_pattern_and_module():
+    model, x = mlp().double(), torch.randn(5, 6, dtype=torch.float64)
+    names = ["4.weight", "4.bias"]
+    want = brute_force_kernel(*(brute_force_gradients(model, x, names),) * 2, "trntk0")
+    torch.testing.assert_close(ln.exact_kernel(model, x, kind="trntk0", params="4.*"), want)
+    torch.testing.assert_close(ln.exact_kernel(model, x, kind="trntk0", params=model[4]), want)
+    torch.testing.assert_close(ln.exact_kernel(model, x, kind="trntk0", params=["4.weight", "4.bias"]), want)
+
+
+def test_dataloader_input_equals_tensor_input():
+    model, x = mlp().double(), torch.randn(9, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    torch.testing.assert_close(ln.exact_kernel(model, loader), ln.exact_kernel(model, x))
+
+
+def test_dict_batches_with_labels_from_a_dataloader():
+    model, inputs = DictModel().double(), dict_inputs()
+    rows = [dict({k: v[i] for k, v in inputs.items()}, label=torch.tensor(i % 2)) for i in range(7)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=3)
+    torch.testing.assert_close(ln.exact_kernel(model, loader, kind="pntk"), ln.exact_kernel(model, inputs, kind="pntk"))
+
+
+def cosine(h):
+    h = h / h.norm(dim=1, keepdim=True)
+    return h @ h.T
+
+
+def test_em_and_ck_match_manual_hooks():
+    torch.manual_seed(0)
+    model, x = mlp().double(), torch.randn(6, 6, dtype=torch.float64)
+    h1 = model[0](x)
+    h2 = model[2](model[1](h1))
+    penultimate = model[3](h2)
+    torch.testing.assert_close(ln.exact_kernel(model, x, kind="ck"), cosine(penultimate))
+    torch.testing.assert_close(ln.exact_kernel(model, x, kind="em"), cosine(torch.cat([h1, h2], 1)))
+    torch.testing.assert_close(ln.exact_kernel(model, x, kind="em", layers=["1", "4"]), cosine(torch.cat([model[1](h1), model(x)], 1)))
+
+
+def test_projected_kernel_of_identity_sized_projection_is_close():
+    """Sanity link between the exact and projected paths: large K approaches the exact kernel."""
+    model, x = mlp().double(), torch.randn(8, 6, dtype=torch.float64)
+    exact = ln.exact_kernel(model, x)
+    approx = ln.kernel_from_features(ln.project_features(model, x, projection_dim=8192, projector="gaussian"))
+    assert (approx - exact).abs().mean() < 0.02
+
+
+def test_kernel_blocks_cover_the_full_kernel():
+    f = torch.randn(10, 3, 5, dtype=torch.float64)
+    g = torch.randn(4, 3, 5, dtype=torch.float64)
+    full = ln.kernel_from_features(g, f)
+    blocks = list(ln.kernel_blocks(g, f, block_size=3))
+    assert [b.shape[0] for _, b in blocks] == [3, 1]
+    torch.testing.assert_close(torch.cat([b for _, b in blocks]), full)
+    torch.testing.assert_close(ln.kernel_from_features(g.numpy(), f.numpy(), block_size=2), full)
+    unnorm = ln.kernel_from_features(g, f, normalize=False)
+    torch.testing.assert_close(unnorm, g.flatten(1) @ f.flatten(1).T)
