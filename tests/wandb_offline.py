@@ -49,9 +49,10 @@ def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
-def _items(items) -> dict:
-    """History/config items as a dict; nested keys (a table's ``path``, ``nrows``...) become nested dicts."""
-    out: dict = {}
+def _items(items, out: dict | None = None) -> dict:
+    """History/config items as a dict (merged into ``out``); nested keys (a table's ``path``,
+    ``nrows``...) become nested dicts."""
+    out = {} if out is None else out
     for item in items:
         keys = list(item.nested_key) or [item.key]
         target = out
@@ -95,7 +96,7 @@ def read_run(run_dir: str | Path) -> OfflineRun:
             run.metrics.append(MessageToDict(record.metric, preserving_proto_field_name=True))
         elif kind in ("run", "config"):
             items = record.run.config.update if kind == "run" else record.config.update
-            run.config.update(_items(items))
+            _items(items, run.config)
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     return run

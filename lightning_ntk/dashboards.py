@@ -1,0 +1,170 @@
+"""What the fidelity tracking shows: scalars for every Lightning logger, and W&B media for W&B runs.
+
+Every logger gets the ``ntk/*`` scalars against the epoch. A W&B run additionally gets an epoch axis
+for them, a table of test examples with their top-k proponents and opponents (images for image-like
+inputs, text otherwise), a scatter of network vs surrogate probabilities and the fidelity history as
+a line plot. ``wandb`` is imported only when a W&B run is there to receive them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+PREFIX = "ntk/"
+HISTORY_PLOT_METRICS = ("kendall_tau", "agreement", "surrogate_acc", "network_acc")
+TABLE_COLUMNS = ("kendall_tau", "tad", "agreement", "surrogate_acc", "network_acc", "miss_overlap", "featurize_seconds", "fit_seconds")
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a history row, as ``ntk/<name>`` floats (booleans as 0/1)."""
+    return {
+        PREFIX + key: float(value)
+        for key, value in row.items()
+        if key not in ("epoch", "step") and isinstance(value, (int, float))
+    }
+
+
+def log_scalars(loggers: Sequence[Any], row: dict[str, Any]) -> None:
+    """Send a history row's scalars to every Lightning logger, with the epoch, at the row's step."""
+    metrics = dict(scalars(row), epoch=float(row["epoch"]))
+    for logger in loggers:
+        logger.log_metrics(metrics, step=row["step"])
+
+
+def wandb_runs(loggers: Sequence[Any]) -> list[Any]:
+    """The W&B runs behind the trainer's ``WandbLogger``s (call on rank 0 only)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [logger.experiment for logger in loggers if isinstance(logger, WandbLogger)]
+
+
+def define_epoch_axis(run: Any) -> None:
+    """Plot every ``ntk/*`` metric of ``run`` against the epoch rather than the global step."""
+    run.define_metric("epoch")
+    run.define_metric(PREFIX + "*", step_metric="epoch")
+
+
+def _split(inputs: Any) -> list[Any]:
+    """One entry per example of a batch of inputs (tensor, dict or tuple of tensors)."""
+    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    return [tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, inputs) for i in range(len(leaves[0]))]
+
+
+def _as_image(example: Any, image_shape: Sequence[int] | None) -> np.ndarray | None:
+    """An ``[H, W]`` or ``[H, W, 3]`` array in [0, 1] if the example is image-like, else None."""
+    if not isinstance(example, torch.Tensor) or not example.is_floating_point():
+        return None
+    x = example.detach().float().cpu()
+    if image_shape is not None:
+        x = x.reshape(*image_shape)
+    if x.ndim == 3 and x.shape[0] in (1, 3):
+        x = x[0] if x.shape[0] == 1 else x.permute(1, 2, 0)
+    elif x.ndim != 2:
+        return None
+    low, high = float(x.min()), float(x.max())
+    return ((x - low) / (high - low if high > low else 1.0)).numpy()
+
+
+def _as_text(example: Any, limit: int = 80) -> str:
+    if isinstance(example, dict):
+        text = " ".join(f"{k}={_as_text(v, limit)}" for k, v in example.items())
+    elif isinstance(example, torch.Tensor):
+        values = example.flatten()[:16].tolist()
+        text = "[" + ", ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values) + (", …]" if example.numel() > 16 else "]")
+    else:
+        text = str(example)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def render_examples(inputs: Any, captions: Sequence[str], image_shape: Sequence[int] | None = None) -> list[Any]:
+    """W&B cells for a batch of model inputs: ``wandb.Image`` for image-like examples (``[H, W]``,
+    ``[1|3, H, W]``, or any tensor with ``image_shape``), captioned text otherwise."""
+    import wandb
+
+    cells = []
+    for example, caption in zip(_split(inputs), captions):
+        image = _as_image(example, image_shape)
+        cells.append(wandb.Image((image * 255).astype(np.uint8), caption=caption) if image is not None else f"{caption}: {_as_text(example)}")
+    return cells
+
+
+def attribution_table(
+    query_indices: torch.Tensor,
+    query_inputs: Any,
+    query_labels: torch.Tensor,
+    network_predictions: torch.Tensor,
+    surrogate_predictions: torch.Tensor,
+    ranked: dict[str, tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]],
+    image_shape: Sequence[int] | None = None,
+) -> Any:
+    """A ``wandb.Table`` with one row per query example: the example, its label, both models'
+    predictions, and for each ranking in ``ranked`` (e.g. ``proponent``/``opponent`` → training
+    indices ``[M, k]``, scores ``[M, k]``, the training inputs ``[M·k, ...]`` and labels ``[M·k]``)
+    the top-k training examples with their scores."""
+    import wandb
+
+    m = len(query_indices)
+    columns = ["query_index", "input", "label", "network_prediction", "surrogate_prediction"]
+    query_cells = render_examples(query_inputs, [f"#{int(i)} label {int(y)}" for i, y in zip(query_indices, query_labels)], image_shape)
+    rows = [[int(query_indices[r]), query_cells[r], int(query_labels[r]), int(network_predictions[r]), int(surrogate_predictions[r])] for r in range(m)]
+    for name, (indices, scores, inputs, labels) in ranked.items():
+        k = indices.shape[1]
+        captions = [f"#{int(i)} label {int(y)} {float(s):+.3g}" for i, y, s in zip(indices.flatten(), labels, scores.flatten())]
+        cells = render_examples(inputs, captions, image_shape)
+        columns.append(f"{name}_indices")
+        for j in range(k):
+            columns += [f"{name}_{j + 1}", f"{name}_{j + 1}_score"]
+        for r in range(m):
+            rows[r].append(", ".join(str(int(i)) for i in indices[r]))
+            for j in range(k):
+                rows[r] += [cells[r * k + j], float(scores[r, j])]
+    return wandb.Table(columns=columns, data=rows)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def log_checkpoint_media(
+    run: Any,
+    history: Sequence[dict[str, Any]],
+    network_scores: torch.Tensor,
+    surrogate_scores: torch.Tensor,
+    table: Any | None = None,
+) -> None:
+    """Log one checkpoint's media to a W&B run: the attribution table, the probability scatter and
+    the fidelity history so far, at the epoch and step of the latest history row."""
+    import wandb
+
+    row = history[-1]
+    scatter = wandb.Table(columns=["network", "surrogate"], data=[[float(a), float(b)] for a, b in zip(network_scores, surrogate_scores)])
+    epochs = [r["epoch"] for r in history]
+    media = {
+        PREFIX + "probability_scatter": wandb.plot.scatter(
+            scatter, "network", "surrogate", title=f"True-class probability, network vs surrogate (epoch {row['epoch']})"
+        ),
+        PREFIX + "fidelity_history": wandb.plot.line_series(
+            xs=epochs,
+            ys=[[_finite(float(r[m])) for r in history] for m in HISTORY_PLOT_METRICS],
+            keys=list(HISTORY_PLOT_METRICS),
+            title="NTK surrogate fidelity across training",
+            xname="epoch",
+        ),
+    }
+    if table is not None:
+        media[PREFIX + "attributions"] = table
+    run.log(dict(media, epoch=row["epoch"], **{"trainer/global_step": row["step"]}))
+
+
+def format_history(history: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """The fidelity history as a plain-text table, one line per checkpoint."""
+    present = [c for c in columns if any(c in row for row in history)]
+    header = ["epoch", *present]
+    lines = [header] + [[str(row["epoch"])] + [f"{float(row[c]):.3f}" if c in row else "" for c in present] for row in history]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
