@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # A CPU-only machine gets the CPU build of torch; a machine with an NVIDIA driver gets the default build.
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo study bench clean
 
 venv: $(VENV)/.installed
 
@@ -21,9 +21,12 @@ test: venv
 demo: venv
 	$(PY) examples/digits.py
 
+study: venv
+	$(PY) -m lightning_ntk.study --out outputs/study
+
 bench: venv
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/featurize_speed.py
 
 clean:
-	rm -rf $(VENV) lightning_logs wandb ntk_store benchmarks/results
+	rm -rf $(VENV) lightning_logs wandb ntk_store benchmarks/results outputs

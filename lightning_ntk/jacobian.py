@@ -135,12 +135,29 @@ class PerExampleGradients:
     treated as constants. ``P`` is the total size of the selected parameters, in their model order.
     """
 
-    def __init__(self, model: nn.Module, params: ParamSelection = None, task: Task | None = None, chunk_size: int = 16):
+    def __init__(
+        self,
+        model: nn.Module,
+        params: ParamSelection = None,
+        task: Task | None = None,
+        chunk_size: int | None = None,
+        memory_budget: int = 1 << 28,
+    ):
         self.model = model
         self.task = task or Task()
         self.params = select_parameters(model, params)
         self.num_parameters = sum(p.numel() for p in self.params.values())
-        self.chunk_size = max(1, int(chunk_size))
+        self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
+
+    def _chunk(self, inputs: Any, summed: bool) -> int:
+        """Examples per vmap call: as many as fit ``memory_budget`` bytes of gradients, since each call
+        has a fixed cost that small chunks pay again and again."""
+        if self.chunk_size is not None:
+            return max(1, int(self.chunk_size))
+        outputs = 1 if summed else self.num_classes(slice_inputs(inputs, 0, 1))
+        itemsize = next(iter(self.params.values())).element_size()
+        return max(1, self.memory_budget // (outputs * self.num_parameters * itemsize))
 
     def _logits_fn(self, summed: bool):
         buffers = dict(self.model.named_buffers())
@@ -167,9 +184,10 @@ class PerExampleGradients:
         fn = self._logits_fn(summed)
         transform = vmap(grad(fn) if summed else jacrev(fn), in_dims=(None, 0))
         chunks = []
+        step = self._chunk(inputs, summed)
         with eval_mode(self.model):
-            for start in range(0, n, self.chunk_size):
-                chunk = slice_inputs(inputs, start, start + self.chunk_size)
+            for start in range(0, n, step):
+                chunk = slice_inputs(inputs, start, start + step)
                 try:
                     grads = transform(params, chunk)
                 except Exception as err:
