@@ -2,8 +2,9 @@
 
 from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, project_features
 from .jacobian import FunctionalForwardError, NonFiniteGradientError, PerExampleGradients, select_parameters
-from .kernels import entk_from_features, exact_kernel, feature_norms, kernel_blocks, kernel_from_features
-from .projection import RandomProjector
+from .kernels import entk_from_features, exact_kernel, factored_kernel, feature_norms, kernel_blocks, kernel_from_features
+from .layers import LayerGradients
+from .projection import RandomProjector, SketchProjector
 from .task import Task
 
 __version__ = "0.1.0"
@@ -12,13 +13,16 @@ __all__ = [
     "FeatureSpec",
     "Featurizer",
     "FunctionalForwardError",
+    "LayerGradients",
     "NonFiniteGradientError",
     "PerExampleGradients",
     "RandomProjector",
+    "SketchProjector",
     "Task",
     "embedding_features",
     "entk_from_features",
     "exact_kernel",
+    "factored_kernel",
     "feature_norms",
     "gradient_features",
     "kernel_blocks",

@@ -9,15 +9,16 @@ features (see :mod:`lightning_ntk.kernels`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .jacobian import ParamSelection, PerExampleGradients, check_logits, eval_mode, parameter_fingerprint
-from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, check_projection_dim
-from .task import Task, batch_size_of, is_raw_inputs, iter_batches, move_inputs
+from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, check_logits, eval_mode, parameter_fingerprint
+from .layers import LayerGradients
+from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector, check_projection_dim
+from .task import Task, batch_size_of, is_raw_inputs, iter_batches, move_inputs, slice_inputs
 
 GRADIENT_KINDS = ("trntk", "trntk0", "pntk", "entk")
 EMBEDDING_KINDS = ("em", "ck")
@@ -52,16 +53,16 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.get_default_dtype())
 
 
-def stream_features(
+def stream_batches(
     model: nn.Module,
     data: Any,
-    featurize_batch: Callable[[Any], torch.Tensor],
+    featurize_batch: Callable[[Any], Any],
     task: Task | None = None,
     batch_size: int = 64,
     progress: bool | str = False,
-) -> torch.Tensor:
-    """Apply ``featurize_batch`` to the model inputs of every batch of ``data`` and concatenate the
-    results on the CPU. ``data`` is a tensor/dict of inputs or an iterable of batches."""
+) -> Iterator[Any]:
+    """Yield ``featurize_batch`` of the model inputs of every non-empty batch of ``data``, moved to the
+    model's device. ``data`` is a tensor/dict of inputs or an iterable of batches."""
     task = task or Task()
     raw = is_raw_inputs(data)
     device, dtype = _model_device_dtype(model)
@@ -73,23 +74,43 @@ def stream_features(
         elif hasattr(data, "__len__"):
             total = len(data)
         batches = tqdm(batches, total=total, desc=progress if isinstance(progress, str) else "featurizing", leave=False)
-    out = []
+    empty = True
     for batch in batches:
         inputs = batch if raw else task.get_inputs(batch)
         if batch_size_of(inputs) == 0:
             continue
-        out.append(featurize_batch(move_inputs(inputs, device, dtype)).cpu())
-    if not out:
+        empty = False
+        yield featurize_batch(move_inputs(inputs, device, dtype))
+    if empty:
         raise ValueError("The data holds no examples: pass a non-empty tensor or DataLoader.")
-    return torch.cat(out)
+
+
+def stream_features(
+    model: nn.Module,
+    data: Any,
+    featurize_batch: Callable[[Any], torch.Tensor],
+    task: Task | None = None,
+    batch_size: int = 64,
+    progress: bool | str = False,
+) -> torch.Tensor:
+    """Apply ``featurize_batch`` to the model inputs of every batch of ``data`` and concatenate the
+    results on the CPU. ``data`` is a tensor/dict of inputs or an iterable of batches."""
+    return torch.cat([out.cpu() for out in stream_batches(model, data, featurize_batch, task, batch_size, progress)])
 
 
 class Featurizer:
     """Projected NTK features of a model: ``[N, C, K]`` for ``kind="trntk"``, ``[N, K]`` for ``"pntk"``.
 
-    Peak memory: ``chunk_size·C·P`` floats of per-example gradients, plus ``K·P`` floats of the
-    projection matrix when that fits ``memory_budget`` (else one 16 MiB block of it), plus the
-    ``N·C·K`` output. ``chunk_size`` defaults to what fits a quarter of ``memory_budget``.
+    ``projector="sketch"`` is the fast path: per-layer signals (:class:`~lightning_ntk.layers.LayerGradients`)
+    projected by a structured count-sketch (:class:`~lightning_ntk.projection.SketchProjector`) without
+    forming per-example gradients; its memory is a few times the activations of a batch, whatever K·P.
+    ``"rademacher"``/``"gaussian"`` are the paper's dense projections of materialised gradients, the
+    reference for kernel quality: ``chunk_size·C·P`` floats of per-example gradients, plus ``K·P``
+    floats of the projection matrix when that fits ``memory_budget`` (else one 16 MiB block of it),
+    plus the ``N·C·K`` output. ``chunk_size`` defaults to what fits a quarter of ``memory_budget``.
+
+    ``dtype`` stores the features in another precision (``torch.float16``/``torch.bfloat16`` halve
+    their memory; kernels still accumulate in float32).
     """
 
     def __init__(
@@ -103,16 +124,24 @@ class Featurizer:
         task: Task | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         chunk_size: int | None = None,
+        dtype: torch.dtype | None = None,
     ):
         self.kind = canonical_kind(kind)
         if self.kind not in ("trntk", "trntk0", "pntk"):
             raise ValueError(f"Projected features exist for trntk and pntk only, not {kind!r}; use exact_kernel for it.")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch dtype such as torch.float16 or torch.bfloat16, got {dtype!r}.")
         self.model = model
         self.task = task or Task()
-        self.gradients = PerExampleGradients(model, params, self.task)
-        self.projector = RandomProjector(self.gradients.num_parameters, projection_dim, projector, seed, memory_budget)
+        if projector == "sketch":
+            self.gradients = LayerGradients(model, params, self.task)
+            self.projector = SketchProjector(projection_dim, seed)
+        else:
+            self.gradients = PerExampleGradients(model, params, self.task)
+            self.projector = RandomProjector(self.gradients.num_parameters, projection_dim, projector, seed, memory_budget)
         self.memory_budget = memory_budget
         self.chunk_size = chunk_size
+        self.dtype = dtype
 
     @property
     def summed(self) -> bool:
@@ -129,6 +158,26 @@ class Featurizer:
         )
 
     def featurize_batch(self, inputs: Any) -> torch.Tensor:
+        if isinstance(self.projector, SketchProjector):
+            features = self._sketch(inputs)
+        else:
+            features = self._dense(inputs)
+        return features if self.dtype is None else features.to(self.dtype)
+
+    def _sketch(self, inputs: Any) -> torch.Tensor:
+        n = batch_size_of(inputs)
+        step = self.chunk_size or n
+        parts = [self.projector.project_stream(self.gradients.stream(slice_inputs(inputs, s, s + step), self.summed)) for s in range(0, n, step)]
+        features = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if not torch.isfinite(features).all():  # name the culprit (only on this rare path)
+            for sig in self.gradients(inputs, self.summed):
+                for name, g in sig.parameter_gradients().items():
+                    if not torch.isfinite(g).all():
+                        raise NonFiniteGradientError.of(name)
+            raise NonFiniteGradientError("The projected features hold NaN or inf: check the inputs for NaN/inf.")
+        return features[:, 0] if self.summed else features
+
+    def _dense(self, inputs: Any) -> torch.Tensor:
         classes = 1 if self.summed else self.gradients.num_classes(inputs)
         if self.chunk_size is None:
             per_example = classes * self.gradients.num_parameters * 4
@@ -154,13 +203,15 @@ def project_features(
     batch_size: int = 64,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool | str = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Random-projection NTK features: ``[N, C, K]`` for ``kind="trntk"`` (proj-trNTK), ``[N, K]`` for
     ``kind="pntk"`` (proj-pNTK). ``data`` is a tensor of inputs or a DataLoader of batches.
 
-    Kernels follow with :func:`lightning_ntk.kernel_from_features`. See :class:`Featurizer` for memory.
+    ``projector="sketch"`` is the fast structured path; ``"rademacher"``/``"gaussian"`` the dense
+    reference. Kernels follow with :func:`lightning_ntk.kernel_from_features`. See :class:`Featurizer`.
     """
-    featurizer = Featurizer(model, kind, projection_dim, projector, seed, params, task, memory_budget)
+    featurizer = Featurizer(model, kind, projection_dim, projector, seed, params, task, memory_budget, dtype=dtype)
     return featurizer(data, batch_size=batch_size, progress=progress)
 
 

@@ -28,6 +28,13 @@ class FunctionalForwardError(RuntimeError):
 class NonFiniteGradientError(FloatingPointError):
     """A per-example gradient holds NaN or inf."""
 
+    @classmethod
+    def of(cls, name: str) -> "NonFiniteGradientError":
+        return cls(
+            f"The per-example gradient of parameter '{name}' holds NaN or inf. Check the inputs for "
+            "NaN/inf, lower the learning rate if training diverged, or exclude the parameter with params=..."
+        )
+
 
 def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[str, nn.Parameter]:
     """The parameters whose gradients define the kernel, by name.
@@ -208,9 +215,6 @@ class PerExampleGradients:
         flat = []
         for name, g in grads.items():
             if not torch.isfinite(g).all():
-                raise NonFiniteGradientError(
-                    f"The per-example gradient of parameter '{name}' holds NaN or inf. Check the inputs for "
-                    "NaN/inf, lower the learning rate if training diverged, or exclude the parameter with params=..."
-                )
+                raise NonFiniteGradientError.of(name)
             flat.append(g.reshape(*g.shape[:lead], -1))
         return torch.cat(flat, dim=-1)

@@ -14,16 +14,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .featurize import EMBEDDING_KINDS, canonical_kind, embedding_features, gradient_features
+from .featurize import EMBEDDING_KINDS, canonical_kind, embedding_features, gradient_features, stream_batches
 from .jacobian import ParamSelection
+from .layers import LayerGradients, gram_factors, signal_gram
 from .task import Task
 
 DEFAULT_BLOCK_SIZE = 1024
+FACTORED_KINDS = ("trntk", "trntk0", "pntk")
 
 
 def _flat(features: Any, rows: slice = slice(None)) -> torch.Tensor:
+    """Rows of features as ``[n, C·K]``; half-precision storage is widened to float32 for accumulation."""
     block = features[rows]
     block = torch.as_tensor(np.asarray(block)) if not isinstance(block, torch.Tensor) else block
+    if block.dtype in (torch.float16, torch.bfloat16):
+        block = block.float()
     return block.reshape(block.shape[0], -1)
 
 
@@ -100,15 +105,25 @@ def exact_kernel(
     layers: Sequence[str] | None = None,
     task: Task | None = None,
     batch_size: int = 64,
+    method: str = "auto",
 ) -> torch.Tensor:
     """The exact kernel between two sets of inputs (tensors or DataLoaders): ``[Na, Nb]``, or
     ``[Na, Nb, C, C]`` for ``kind="entk"``. ``B = A`` when ``inputs_b`` is omitted.
 
     Kinds: ``trntk`` (cosine-normalised trace NTK), ``trntk0`` (unnormalised), ``pntk``, ``entk``,
-    ``em`` (outputs of ``layers``), ``ck`` (input of the last linear layer). Gradient kinds hold all
-    ``N·C·P`` gradients in memory: use :func:`project_features` for large models.
+    ``em`` (outputs of ``layers``), ``ck`` (input of the last linear layer).
+
+    ``method="factored"`` (the default for trntk/trntk0/pntk) computes the kernel from per-layer
+    signals, :func:`factored_kernel`; ``"vmap"`` from all ``N·C·P`` per-example gradients held in
+    memory (the only method for entk). Both give the same values.
     """
     kind = canonical_kind(kind)
+    if method not in ("auto", "factored", "vmap"):
+        raise ValueError(f"Unknown method {method!r}; choose 'auto', 'factored' or 'vmap'.")
+    if method == "factored" and kind not in FACTORED_KINDS:
+        raise ValueError(f"method='factored' computes the kinds {FACTORED_KINDS}, not {kind!r}; use method='auto'.")
+    if method != "vmap" and kind in FACTORED_KINDS:
+        return factored_kernel(model, inputs_a, inputs_b, kind, params=params, task=task, batch_size=batch_size)
     if kind in EMBEDDING_KINDS:
         featurize = lambda data: embedding_features(model, data, kind, layers, task=task, batch_size=batch_size)  # noqa: E731
     else:
@@ -118,3 +133,44 @@ def exact_kernel(
     if kind == "entk":
         return entk_from_features(features_a, features_b)
     return kernel_from_features(features_a, features_b, normalize=kind != "trntk0")
+
+
+def factored_kernel(
+    model: nn.Module,
+    inputs_a: Any,
+    inputs_b: Any = None,
+    kind: str = "trntk",
+    *,
+    params: ParamSelection = None,
+    task: Task | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """The exact trNTK (``trntk``), trNTK⁰ (``trntk0``) or pNTK (``pntk``), ``[Na, Nb]``, from per-layer
+    signals (:class:`~lightning_ntk.layers.LayerGradients`): ``Σ_c (δ_c·δ'_c)(a·a')`` for linear
+    layers, summed over positions for convolutions, so per-example gradients are formed only for
+    layers where that is cheaper (see :func:`~lightning_ntk.layers.gram_factors`).
+
+    Memory: the signals of all of A and B.
+    """
+    kind = canonical_kind(kind)
+    if kind not in FACTORED_KINDS:
+        raise ValueError(f"The factored kernel exists for {FACTORED_KINDS}, not {kind!r}.")
+    gradients = LayerGradients(model, params, task)
+    summed = kind == "pntk"
+
+    def collect(data):
+        return list(stream_batches(model, data, lambda x: gram_factors(gradients(x, summed)), task, batch_size))
+
+    batches_a = collect(inputs_a)
+    batches_b = batches_a if inputs_b is None else collect(inputs_b)
+    kernel = torch.cat([torch.cat([signal_gram(a, b) for b in batches_b], dim=1) for a in batches_a]).cpu()
+    if kind == "trntk0":
+        return kernel
+
+    def norms(batches):
+        return torch.cat([signal_gram(s, s).diagonal() for s in batches]).cpu().sqrt()
+
+    norms_a = norms(batches_a)
+    norms_b = norms_a if inputs_b is None else norms(batches_b)
+    tiny = torch.finfo(kernel.dtype).tiny
+    return kernel / norms_a.clamp_min(tiny)[:, None] / norms_b.clamp_min(tiny)[None, :]
