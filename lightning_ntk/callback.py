@@ -487,7 +487,7 @@ class NTKAttributionCallback(L.Callback):
         surrogate_logits = surrogate.predict(query_rows)
         fit_seconds = time.perf_counter() - started
         self.surrogate, self._surrogate_spec, self._train_features = surrogate, spec, reference
-        metric = SurrogateFidelity()
+        metric = SurrogateFidelity(sync_on_compute=False)  # rank 0 holds the whole query set
         metric.update(network_logits, surrogate_logits, query_labels)
         fidelity = {key: float(value) for key, value in metric.compute().items()}
         fidelity.update(fit_seconds=fit_seconds, surrogate_converged=bool(surrogate.converged), num_train=len(reference), num_query=len(query))

@@ -1,0 +1,100 @@
+"""Bad input to NTKAttributionCallback: one clear error that names the fix, before training where
+possible, and what was logged before a failure is kept."""
+
+import csv
+import resource
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from test_callback import DigitsMLP, fit, one_thread, small_callback  # noqa: F401 (one_thread is an autouse fixture)
+from torch.utils.data import Dataset
+
+from lightning_ntk import NTKAttributionCallback, StoreError
+from lightning_ntk.datasets import load_digits_tensors
+
+
+class FlatOutput(DigitsMLP):
+    def forward(self, x):
+        return super().forward(x).flatten()  # [B·C] instead of [B, C]
+
+    def training_step(self, batch, batch_idx):
+        return super().forward(batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_model_that_does_not_return_logits(tmp_path):
+    with pytest.raises(ValueError, match=r"logits of shape \[batch, classes\].*module='<its name>'"):
+        fit(tmp_path, [small_callback()], model=FlatOutput())
+
+
+class Sentences(Dataset):
+    """Raw text the model cannot take: batches of strings."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return {"text": f"sentence {i}", "label": i % 2}
+
+
+def test_batches_the_callback_cannot_read(tmp_path):
+    with pytest.raises(TypeError, match=r"cannot read the reference set's batches \(dict\).*task=Task\(inputs="):
+        fit(tmp_path, [small_callback(train_data=Sentences())])
+
+
+def test_batches_without_labels(tmp_path):
+    x = load_digits_tensors()[0]
+    with pytest.raises(ValueError, match=r"reference set's batches carry no labels.*task=Task\(labels="):
+        fit(tmp_path, [small_callback(train_data=torch.utils.data.TensorDataset(x))])
+
+
+def test_query_labels_outside_the_classes(tmp_path):
+    _, _, x_test, y_test = load_digits_tensors()
+    with pytest.raises(ValueError, match=r"query set holds labels 5\.\.14, outside the 10 classes.*query_data="):
+        fit(tmp_path, [small_callback(query_data=(x_test, y_test + 5))])
+
+
+def test_unwritable_store(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(StoreError, match=r"is not writable.*store_dir="):
+        fit(tmp_path, [small_callback(store_dir=str(tmp_path / "a_file" / "store"))])
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="Unknown kernel 'rbf'"):
+        NTKAttributionCallback(kernel="rbf")
+    with pytest.raises(ValueError, match="projection_dim must be a positive integer"):
+        NTKAttributionCallback(projection_dim=0)
+    with pytest.raises(ValueError, match="every_n_epochs must be a positive integer or None"):
+        NTKAttributionCallback(every_n_epochs=0)
+
+
+class FillTheDiskAfterFirstEpoch(L.Callback):
+    """From the second epoch on, no file may grow past 16 KiB: the store's next write hits a full disk."""
+
+    def __init__(self):
+        self.limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, self.limits[1]))
+
+    def restore(self):
+        resource.setrlimit(resource.RLIMIT_FSIZE, self.limits)
+
+
+def test_full_disk_keeps_what_was_logged(tmp_path):
+    callback, disk = small_callback(top_k=0), FillTheDiskAfterFirstEpoch()
+    try:
+        with pytest.raises(StoreError, match=r"disk is full.*store_dir=.*projection_dim"):
+            fit(tmp_path, [callback, disk], logger=CSVLogger(tmp_path))
+    finally:
+        disk.restore()
+    assert [row["epoch"] for row in callback.history] == [0]
+    [metrics_file] = (tmp_path / "lightning_logs").glob("version_*/metrics.csv")
+    logged = [row for row in csv.DictReader(metrics_file.open()) if row.get("ntk/kendall_tau")]
+    assert [float(row["ntk/kendall_tau"]) for row in logged] == [pytest.approx(callback.history[0]["kendall_tau"])]
+    assert not [p for p in (tmp_path / "ntk_store").iterdir() if p.name.startswith(".")]  # no half-written entry left
