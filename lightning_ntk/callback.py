@@ -264,6 +264,8 @@ class NTKAttributionCallback(L.Callback):
         self.history: list[dict[str, Any]] = []
         self.surrogate: KernelSurrogate | None = None
         self._model: nn.Module | None = None
+        self._store: FeatureStore | None = None
+        self._num_logits = 0
         self._featurizer: Featurizer | None = None
         self._reference: ExampleSet | None = None
         self._query: ExampleSet | None = None
@@ -320,7 +322,7 @@ class NTKAttributionCallback(L.Callback):
         self.history = [dict(row) for row in state_dict["history"]]
 
     # -- attribution queries -----------------------------------------------------------------------
-    def attribute(self, batch: Any, top_k: int | None = None, target: torch.Tensor | None = None) -> Attribution:
+    def attribute(self, batch: Any, top_k: int = 5, target: torch.Tensor | None = None) -> Attribution:
         """Explain the network's predictions on ``batch`` (a batch as the data loaders yield it, or
         model inputs) with the latest surrogate. Indices are positions in the reference dataset."""
         if self.surrogate is None:
@@ -339,7 +341,7 @@ class NTKAttributionCallback(L.Callback):
                 )
             features = self._featurize(inputs).to(self._storage_dtype())
             rows = kernel_from_features(features, self._train_features, normalize=self.kind != "trntk0")
-            result = attribute(self.surrogate, query_kernel=rows, top_k=top_k or self.top_k or 5, target=target)
+            result = attribute(self.surrogate, query_kernel=rows, top_k=top_k, target=target)
         return self._to_dataset_indices(result)
 
     # -- internals ---------------------------------------------------------------------------------
@@ -352,13 +354,19 @@ class NTKAttributionCallback(L.Callback):
             names = [n for n, _ in pl_module.named_children()]
             raise ValueError(f"module={self.module!r} is not a submodule of {type(pl_module).__name__}; its children are {names}.") from err
 
-    def _check_model(self) -> int:
-        """The number of logits, after checking the model's output on one batch and the labels' range."""
-        inputs = self._reference.inputs(torch.arange(min(2, len(self._reference))), self.task)
+    def _logits(self, data: Any) -> torch.Tensor:
+        """The network's logits on ``data`` (model inputs or a loader), refused unless ``[B, C]``."""
+
+        def forward(inputs):
+            return check_logits(self.task.forward(self._model, inputs), batch_size_of(inputs))
+
         with torch.no_grad(), eval_mode(self._model):
-            output = self.task.forward(self._model, inputs)
+            return stream_features(self._model, data, forward, self.task, self.batch_size)
+
+    def _check_model(self) -> int:
+        """The number of logits, after checking the model's output on two examples and the labels' range."""
         try:
-            logits = check_logits(output, min(2, len(self._reference)))
+            logits = self._logits(self._reference.inputs(torch.arange(min(2, len(self._reference))), self.task))
         except (TypeError, ValueError) as err:
             hint = "" if self.module is not None else " If a submodule returns the logits, pass module='<its name>' to the callback."
             raise type(err)(f"NTKAttributionCallback: {err}{hint}") from err
@@ -405,13 +413,6 @@ class NTKAttributionCallback(L.Callback):
         order = torch.arange(n)
         return gathered[order % world, order // world]
 
-    def _network_logits(self) -> torch.Tensor:
-        def logits(inputs):
-            return check_logits(self.task.forward(self._model, inputs), batch_size_of(inputs))
-
-        with torch.no_grad(), eval_mode(self._model):
-            return stream_features(self._model, self._query.loader(batch_size=self.batch_size), logits, self.task).float()
-
     def _request(self, spec: FeatureSpec) -> dict[str, Any]:
         """What the stored features of a checkpoint answer; a stored entry is reused only for an equal one."""
         return {
@@ -448,7 +449,7 @@ class NTKAttributionCallback(L.Callback):
                     arrays = {
                         "reference_features": reference, "reference_labels": self._reference.labels, "reference_indices": self._reference.indices,
                         "query_features": query, "query_labels": self._query.labels, "query_indices": self._query.indices,
-                        "query_logits": self._network_logits(),
+                        "query_logits": self._logits(self._query.loader(batch_size=self.batch_size)).float(),
                     }
                     stored.update(self._store.save(name, request, arrays, {"epoch": epoch, "step": trainer.global_step}, overwrite=self.overwrite_store))
 

@@ -169,14 +169,14 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
 
     # Attribution queries after training, also from inference-mode tensors, index the training dataset.
     x_batch, y_batch = data.val_set.tensors[0][:5], data.val_set.tensors[1][:5]
-    result = callback.attribute((x_batch, y_batch))
+    result = callback.attribute((x_batch, y_batch), top_k=3)
     rows = ln.kernel_from_features(ln.project_features(model, x_batch, "trntk", projection_dim=32, seed=0), stored["reference_features"])
     logits = callback.surrogate.predict(rows)
     contributions = callback.surrogate.weight.detach()[logits.argmax(1)] * rows
     expected = stored["reference_indices"][contributions.topk(3, dim=1).indices]
     assert torch.equal(result.proponent_indices, expected)
     with torch.inference_mode():
-        again = callback.attribute((x_batch.clone(), y_batch.clone()))
+        again = callback.attribute((x_batch.clone(), y_batch.clone()), top_k=3)
     assert torch.equal(again.proponent_indices, expected)
     torch.testing.assert_close(again.proponent_scores, result.proponent_scores)
 
@@ -239,3 +239,45 @@ def test_streamed_surrogate_when_the_kernel_exceeds_the_memory_budget(tmp_path):
     assert streamed.surrogate.train_features is not None and in_memory.surrogate.train_features is None
     assert streamed.history[0]["surrogate_acc"] == pytest.approx(in_memory.history[0]["surrogate_acc"], abs=0.05)
     assert streamed.history[0]["network_acc"] == in_memory.history[0]["network_acc"]
+
+
+class BinaryDigitsMLP(DigitsMLP):
+    """A single-logit network for digits 0 vs 1, trained with binary cross-entropy."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[-1] = nn.Linear(16, 1)
+
+    def training_step(self, batch, batch_idx):
+        return F.binary_cross_entropy_with_logits(self(batch[0])[:, 0], batch[1].float())
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_single_logit_binary_network(tmp_path, wandb_dir):
+    callback = small_callback(every_n_epochs=None, max_train_examples=60, max_query_examples=40)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=WandbLogger(project="ntk-test", save_dir=str(wandb_dir)),
+                        callbacks=[callback], default_root_dir=tmp_path, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    model = BinaryDigitsMLP()
+    trainer.fit(model, datamodule=DigitsDataModule(classes=(0, 1)))
+    [row] = callback.history
+    assert callback.surrogate.weight.shape == (1, 60)
+    stored = stored_checkpoint(tmp_path, 1)
+    p_net = torch.sigmoid(stored["query_logits"][:, 0].double())
+    p_sur = torch.sigmoid(callback.surrogate.predict(ln.kernel_from_features(stored["query_features"], stored["reference_features"]))[:, 0].double())
+    keep = (p_net > 0) & (p_net < 1)
+    assert row["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(p_net[keep], p_sur[keep]).statistic, abs=1e-9)
+    assert row["network_acc"] == pytest.approx(((p_net > 0.5).long() == stored["query_labels"]).double().mean().item())
+    # Proponents push towards the explained class: for class 0 that is a negative W[0, j]·κ(x, x_j).
+    data = DigitsDataModule(classes=(0, 1))
+    data.setup()
+    x = data.val_set.tensors[0][:6]
+    result = callback.attribute(x, top_k=3)  # model inputs work as well as batches
+    rows = ln.kernel_from_features(ln.project_features(model, x, "trntk", projection_dim=32, seed=0), stored["reference_features"])
+    sign = torch.where(result.target == 1, 1.0, -1.0)[:, None]
+    contributions = sign * callback.surrogate.weight.detach()[0] * rows
+    assert set(result.target.tolist()) == {0, 1}
+    assert torch.equal(result.proponent_indices, stored["reference_indices"][contributions.topk(3, dim=1).indices])
