@@ -18,19 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-
-def mlp(in_features: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 1))
-
-
-def cnn(in_channels: int, image_size: int) -> nn.Module:
-    side = image_size // 8
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * side * side, 64), nn.ReLU(), nn.Linear(64, 1),
-    )
+from lightning_ntk.datasets import load_torchvision_pair
+from lightning_ntk.study import binary_cnn, binary_mlp
 
 
 class BinaryClassifier(L.LightningModule):
@@ -39,7 +28,7 @@ class BinaryClassifier(L.LightningModule):
     def __init__(self, network: str = "mlp", in_channels: int = 1, image_size: int = 28, lr: float = 0.01):
         super().__init__()
         self.save_hyperparameters()
-        self.net = mlp(in_channels * image_size**2) if network == "mlp" else cnn(in_channels, image_size)
+        self.net = binary_mlp(in_channels * image_size**2) if network == "mlp" else binary_cnn(in_channels, image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -64,22 +53,23 @@ class TorchvisionPairDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
 
-    def _split(self, train: bool, download: bool = False) -> TensorDataset:
-        import torchvision  # only here: the library and the tests never need it
-
-        data = getattr(torchvision.datasets, self.hparams.dataset)(self.hparams.data_dir, train=train, download=download)
-        images, targets = torch.as_tensor(data.data), torch.as_tensor(data.targets)
-        keep = (targets == self.hparams.classes[0]) | (targets == self.hparams.classes[1])
-        x = images[keep].float() / 255.0
-        x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)  # [N, C, H, W]
-        return TensorDataset(x, (targets[keep] == self.hparams.classes[1]).long())
-
     def prepare_data(self) -> None:
+        try:
+            self._load()
+            return  # already downloaded
+        except FileNotFoundError:
+            pass
+        import torchvision  # only here, to download: the library and the tests never need it
+
         for train in (True, False):
-            self._split(train, download=True)
+            getattr(torchvision.datasets, self.hparams.dataset)(self.hparams.data_dir, train=train, download=True)
+
+    def _load(self):
+        return load_torchvision_pair(self.hparams.dataset, self.hparams.data_dir, tuple(self.hparams.classes))
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set, self.val_set = self._split(True), self._split(False)
+        x_train, y_train, x_test, y_test = self._load()
+        self.train_set, self.val_set = TensorDataset(x_train, y_train), TensorDataset(x_test, y_test)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True)
