@@ -1,0 +1,56 @@
+"""The surrogate study: residual against the exact trNTK falls with K; tables summarise seeds correctly;
+a small end-to-end run writes the report."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from models import mlp
+from test_datasets import write_fake_mnist
+
+import lightning_ntk as ln
+from lightning_ntk import study
+
+
+def test_residual_falls_as_k_grows():
+    model = mlp(d_in=6, hidden=16, classes=3).double()
+    g = torch.Generator().manual_seed(0)
+    x_train, x_test = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.randn(10, 6, generator=g, dtype=torch.float64)
+    kernels = [study.KernelChoice("trNTK", "trntk")] + [study.KernelChoice(f"K={k}", "trntk", k, "gaussian") for k in (4096, 64, 512)]
+    pairs = study.kernel_pairs(model, x_train, x_test, kernels, seed=0)
+    residuals = study.kernel_residuals(pairs, kernels)
+    assert list(residuals) == ["K=64", "K=512", "K=4096"]
+    medians = [np.median(r) for r in residuals.values()]
+    assert medians[0] > medians[1] > medians[2], medians
+    exact = ln.exact_kernel(model, x_test, x_train)
+    torch.testing.assert_close(pairs["trNTK"][1], exact)
+
+
+def test_summary_is_mean_and_standard_error_over_seeds():
+    rows = [
+        {"setup": "s", "kernel": "k", "seed": i, **{c: v for c in study.FIDELITY_COLUMNS}}
+        for i, v in enumerate([0.2, 0.4, 0.9])
+    ]
+    (entry,) = study.summarize(rows)
+    mean, se = entry["kendall_tau"]
+    assert mean == pytest.approx(0.5)
+    assert se == pytest.approx(np.std([0.2, 0.4, 0.9], ddof=1) / math.sqrt(3))
+    table = study.markdown_table([entry])
+    assert "| s | k | 3 | 0.500 ± 0.208 | 50.00 ± 20.82 |" in table
+
+
+def test_small_study_writes_table_plots_and_results(tmp_path, capsys):
+    """Digits and MNIST-format data run; CIFAR-10, absent, is skipped with the reason."""
+    write_fake_mnist(tmp_path / "data")
+    kernels = (study.KernelChoice("trNTK", "trntk"), study.KernelChoice("proj-trNTK K=64", "trntk", 64), study.KernelChoice("ck", "ck"))
+    report = study.run_study(
+        ["digits01_mlp", "mnist01_mlp", "cifar2_cnn"], seeds=2, kernels=kernels, out_dir=tmp_path / "out", epochs=1, data_dir=tmp_path / "data",
+    )
+    text = report.read_text()
+    assert "| digits01_mlp | trNTK | 2 |" in text and "| digits01_mlp | ck | 2 |" in text and "| mnist01_mlp | trNTK | 2 |" in text
+    assert "cifar2_cnn" not in text
+    printed = capsys.readouterr().out
+    assert "skipped: CIFAR10 is not under" in printed and "Skipped for want of data: cifar2_cnn" in printed
+    for name in ("fidelity_per_kernel.png", "residual_vs_k.png", "fidelity_across_epochs.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 1000
