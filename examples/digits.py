@@ -17,34 +17,18 @@ import os
 import lightning as L
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lightning_ntk import NTKAttributionCallback
 from lightning_ntk.dashboards import format_history
 from lightning_ntk.datasets import DigitsDataModule
+from lightning_ntk.study import Classifier
 
 
-class DigitsClassifier(L.LightningModule):
-    """An MLP on the 8×8 digits (64 pixels), trained with SGD and cross-entropy."""
+class DigitsClassifier(Classifier):
+    """An MLP on the 8×8 digits (64 pixels), trained with SGD (momentum 0.9) and cross-entropy."""
 
     def __init__(self, hidden: int = 64, lr: float = 0.05):
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        loss = F.cross_entropy(self(batch[0]), batch[1])
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        super().__init__(nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)), lr)
 
 
 def wandb_mode() -> str:

@@ -1,7 +1,8 @@
 """The paper's MNIST "0 vs 1" setup: a single-logit MLP, its NTK surrogate's fidelity tracked by a preset.
 
-A LightningCLI script, so any preset of ``callbacks/`` attaches the callback. It needs torchvision and a
-network connection to download MNIST (torchvision is imported only when the data are prepared):
+A LightningCLI script, so any preset of ``callbacks/`` attaches the callback. The data are read from
+torchvision's files under ``--data.data_dir`` (default ``data``); when they are missing, torchvision
+and a network connection download them once:
 
     pip install torchvision
     python examples/mnist2.py fit --config callbacks/trntk_fidelity.yaml --trainer.max_epochs 10
@@ -12,37 +13,21 @@ network connection to download MNIST (torchvision is imported only when the data
 from __future__ import annotations
 
 import lightning as L
-import torch
 from lightning.pytorch.cli import LightningCLI
-from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ntk.datasets import load_torchvision_pair
-from lightning_ntk.study import binary_cnn, binary_mlp
+from lightning_ntk.study import Classifier, binary_cnn, binary_mlp
 
 
-class BinaryClassifier(L.LightningModule):
-    """A two-class network with a single logit (binary cross-entropy), as in the paper's binary setups."""
+class BinaryClassifier(Classifier):
+    """A two-class network with a single logit (binary cross-entropy, SGD with momentum), as in the
+    paper's binary setups."""
 
     def __init__(self, network: str = "mlp", in_channels: int = 1, image_size: int = 28, lr: float = 0.01):
-        super().__init__()
+        net = binary_mlp(in_channels * image_size**2) if network == "mlp" else binary_cnn(in_channels, image_size)
+        super().__init__(net, lr)
         self.save_hyperparameters()
-        self.net = binary_mlp(in_channels * image_size**2) if network == "mlp" else binary_cnn(in_channels, image_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        loss = F.binary_cross_entropy_with_logits(self(batch[0])[:, 0], batch[1].float())
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_acc", ((self(batch[0])[:, 0] > 0).long() == batch[1]).float().mean(), prog_bar=True)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
 class TorchvisionPairDataModule(L.LightningDataModule):

@@ -12,37 +12,24 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import nn
-from torch.nn import functional as F
 from wandb_offline import find_runs, read_run
 
 import lightning_ntk as ln
 from lightning_ntk import NTKAttributionCallback
 from lightning_ntk.datasets import DigitsDataModule
+from lightning_ntk.study import Classifier
 
 
-class DigitsMLP(L.LightningModule):
+class DigitsMLP(Classifier):
     """A small digits classifier holding every piece of state a checkpoint could disturb: BatchNorm
     statistics, Dropout randomness and a frozen parameter."""
 
     def __init__(self, hidden: int = 16, lr: float = 0.1):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 10))
+        super().__init__(nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 10)), lr)
         self.scale = nn.Parameter(torch.ones(64), requires_grad=False)
-        self.lr = lr
 
     def forward(self, x):
-        return self.net(x * self.scale)
-
-    def training_step(self, batch, batch_idx):
-        loss = F.cross_entropy(self(batch[0]), batch[1])
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return self.network(x * self.scale)
 
 
 def small_callback(**options):
@@ -242,17 +229,11 @@ def test_streamed_surrogate_when_the_kernel_exceeds_the_memory_budget(tmp_path):
 
 
 class BinaryDigitsMLP(DigitsMLP):
-    """A single-logit network for digits 0 vs 1, trained with binary cross-entropy."""
+    """A single-logit network for digits 0 vs 1 (trained with binary cross-entropy)."""
 
     def __init__(self):
         super().__init__()
-        self.net[-1] = nn.Linear(16, 1)
-
-    def training_step(self, batch, batch_idx):
-        return F.binary_cross_entropy_with_logits(self(batch[0])[:, 0], batch[1].float())
-
-    def validation_step(self, batch, batch_idx):
-        pass
+        self.network[-1] = nn.Linear(16, 1)
 
 
 def test_single_logit_binary_network(tmp_path, wandb_dir):

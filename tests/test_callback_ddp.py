@@ -46,7 +46,7 @@ def test_ddp_matches_a_single_process(tmp_path):
     # One process, the same weights, frozen (lr 0, BatchNorm statistics fixed) for one epoch.
     model = DigitsMLP(lr=0.0)
     model.load_state_dict(ranks[0]["state_dict"])
-    model.net[1].momentum = 0.0
+    model.network[1].momentum = 0.0
     single = small_callback(**OPTIONS, store_dir=str(tmp_path / "single"))
     fit(tmp_path, [single], max_epochs=1, model=model)
     for (name, a), b in zip(ranks[0]["state_dict"].items(), model.state_dict().values()):
