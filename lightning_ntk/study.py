@@ -1,4 +1,4 @@
-"""The surrogate study of Engel et al. (ICLR 2024), runnable on data that needs no download.
+"""The surrogate study of Engel et al. (ICLR 2024) on scikit-learn's digits, and on MNIST/CIFAR-10 where present.
 
 For each setup and training seed: train the network (fidelity tracked across epochs by
 :class:`~lightning_ntk.callback.NTKAttributionCallback`), then for every kernel fit the kernel-machine
@@ -144,6 +144,10 @@ SETUPS = {
         "digits 10-class, CNN", digits_cnn, lambda seed, root: load_digits_tensors(seed=seed, image_shape=True),
         epochs=6, lr=3e-3, optimizer="adam",
     ),
+    "digits10_mlp": Setup(
+        "digits 10-class, MLP", lambda: nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)),
+        lambda seed, root: load_digits_tensors(seed=seed), epochs=10, lr=0.05,
+    ),
     "mnist01_mlp": Setup(
         "MNIST 0 vs 1, single-logit MLP", lambda: binary_mlp(784),
         lambda seed, root: load_torchvision_pair("MNIST", root, (0, 1), TORCHVISION_TRAIN_LIMIT, seed), epochs=4, lr=0.01,
@@ -153,6 +157,7 @@ SETUPS = {
         lambda seed, root: load_torchvision_pair("CIFAR10", root, (0, 1), TORCHVISION_TRAIN_LIMIT, seed), epochs=10, lr=1e-3, optimizer="adam",
     ),
 }
+DEFAULT_SETUPS = ("digits01_mlp", "digits10_cnn", "mnist01_mlp", "cifar2_cnn")  # the paper's setups and their digits analogues
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -374,9 +379,10 @@ def log_to_wandb(report: Path, rows: Sequence[dict], project: str) -> None:
 
 
 def run_study(setups: Sequence[str], seeds: int, kernels: Sequence[KernelChoice] = DEFAULT_KERNELS, out_dir: str | Path = "outputs/study",
-              track_epochs: bool = True, wandb_project: str | None = None, epochs: int | None = None, data_dir: str | Path = "data") -> Path:
+              track_epochs: bool = True, wandb_project: str | None = None, epochs: int | None = None, data_dir: str | Path = "data",
+              **fit_options) -> Path:
     """Run every setup for ``seeds`` training seeds and write the report; setups whose data are not in
-    ``data_dir`` are skipped with the reason."""
+    ``data_dir`` are skipped with the reason. ``fit_options`` go to :func:`fit_from_kernel`."""
     started = time.perf_counter()
     rows, history, residuals_by_setup, skipped = [], [], {}, []
     for setup in setups:
@@ -384,7 +390,7 @@ def run_study(setups: Sequence[str], seeds: int, kernels: Sequence[KernelChoice]
         pooled: dict[str, list[np.ndarray]] = {}
         try:
             for seed in range(seeds):
-                seed_rows, residuals, seed_history = run_seed(setup, seed, kernels, track_epochs, out_dir, epochs, data_dir)
+                seed_rows, residuals, seed_history = run_seed(setup, seed, kernels, track_epochs, out_dir, epochs, data_dir, **fit_options)
                 rows += seed_rows
                 history += seed_history
                 for k, values in residuals.items():
@@ -408,17 +414,21 @@ def run_study(setups: Sequence[str], seeds: int, kernels: Sequence[KernelChoice]
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--setups", nargs="+", default=list(DEFAULT_SETUPS), choices=list(SETUPS))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", default="outputs/study")
     parser.add_argument("--data-dir", default="data", help="where torchvision keeps MNIST/CIFAR-10 (setups without their data are skipped)")
+    parser.add_argument("--kernels", nargs="+", default=[k.label for k in DEFAULT_KERNELS], choices=[k.label for k in DEFAULT_KERNELS],
+                        metavar="KERNEL", help="surrogate kernels to compare (default: all): %(choices)s")
+    parser.add_argument("--formulation", default="multinomial", choices=["multinomial", "ovr"], help="the surrogate's loss (ovr: the paper's)")
     parser.add_argument("--epochs", type=int, default=None, help="override every setup's training epochs")
     parser.add_argument("--no-epochs", action="store_true", help="skip tracking fidelity across training epochs")
     parser.add_argument("--wandb-project", default=None, help="also log the table and plots to this W&B project")
     args = parser.parse_args(argv)
+    kernels = [k for k in DEFAULT_KERNELS if k.label in args.kernels]
     return run_study(
-        args.setups, args.seeds, out_dir=args.out, track_epochs=not args.no_epochs, wandb_project=args.wandb_project,
-        epochs=args.epochs, data_dir=args.data_dir,
+        args.setups, args.seeds, kernels, out_dir=args.out, track_epochs=not args.no_epochs, wandb_project=args.wandb_project,
+        epochs=args.epochs, data_dir=args.data_dir, formulation=args.formulation,
     )
 
 
