@@ -27,8 +27,8 @@ BLOCK_ELEMENTS = 1 << 22  # 16 MiB of float32 per generated block of R
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of R kept in memory between batches
 # Relative costs for choosing between the fold and FFT routes (measured on CPU): one FFT flop, and one
 # element of the formed gradient matrix (signed and folded), each against one multiply-add of a matrix product.
-FFT_WEIGHT = 4.0
-FOLD_WEIGHT = 4.0
+FFT_WEIGHT = 11.0
+FOLD_WEIGHT = 16.0
 CACHE_BYTES = 1 << 21  # formed gradient matrices are processed in pieces of about this size
 
 

@@ -1,0 +1,322 @@
+"""Featurization speed, peak memory and kernel error, side by side in one process, printed as one table.
+
+For the small CNN of the project's SPEC (3 conv + 2 linear layers, 188,810 parameters, 3×32×32 inputs,
+10 classes), an MLP 784-256-256-10 and a ResNet-18 for 32×32 inputs, and K ∈ {512, 2048, 10240}:
+
+- ``sketch``: this project's structured count-sketch (``projector="sketch"``);
+- ``dense``: this project's dense Gaussian projection of per-example gradients (the reference for
+  kernel quality; its projection matrix is cached when it fits 4 GiB);
+- ``TRAK``: the pipeline of the paper's authors without their CUDA kernel: per-class per-sample
+  gradients with ``torch.func`` and traker's ``BasicProjector`` (Rademacher). It is so slow that only
+  class 0 of one batch is timed and multiplied by the number of classes (every class is an identical,
+  independent call);
+- ``floor``: one forward pass and C batched backward passes (one per class, no per-example gradients),
+  the least that any exact per-class method must do.
+
+Throughput is measured on batches of ``--batch`` examples (best of ``--repeats`` batches, after a
+warm-up batch); peak RSS is sampled during each row; the kernel error is the mean absolute error of the
+cosine-normalised kernel against the exact trNTK, off the diagonal, on a fixed set of inputs, averaged
+over seeds. Networks are at their (seeded) initialisation and inputs are Gaussian: the speed does not
+depend on the values, and the error is measured against the exact kernel of the same network.
+
+Two more measurements follow the table: the exact trNTK of 1,000 × 1,000 scikit-learn digits for a
+digits MLP, factored against the vmap path, and kernel row-block assembly against one ``torch.matmul``.
+
+Usage: ``python benchmarks/featurize_speed.py [--quick] [--threads N]`` (``make bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import psutil
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import lightning_ntk as ln
+from lightning_ntk.datasets import load_digits_tensors
+
+CLASSES = 10
+DENSE_CACHE = 4 << 30  # bytes of the dense projection matrix kept between batches
+
+
+# -- models -------------------------------------------------------------------------------------------
+
+
+def spec_cnn() -> nn.Module:
+    """3 conv + 2 linear layers on 3×32×32 inputs, 188,810 parameters."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(1024, 128), nn.ReLU(), nn.Linear(128, CLASSES),
+    )
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, CLASSES))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, inputs: int, outputs: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32×32 inputs: a 3×3 stem without max-pooling, four stages of two basic blocks."""
+
+    def __init__(self, classes: int = CLASSES):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        stages, inputs = [], 64
+        for outputs, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages += [BasicBlock(inputs, outputs, stride), BasicBlock(outputs, outputs, 1)]
+            inputs = outputs
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1))
+
+
+@dataclass
+class Setup:
+    name: str
+    make: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    batch: int
+    error_examples: int
+    baselines: bool  # whether the dense and TRAK baselines are affordable (K·P floats)
+
+
+# -- measuring ----------------------------------------------------------------------------------------
+
+
+class PeakRSS:
+    """The largest resident set size of this process while the block runs, sampled every 2 ms."""
+
+    def __enter__(self):
+        self._process = psutil.Process()
+        self.peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def release_memory() -> None:
+    """Free garbage and hand freed heap memory back to the OS, so that each row's RSS starts clean."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def seconds(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> tuple[float, int]:
+    """Best wall time of ``repeats`` calls (after a warm-up call), and the peak RSS meanwhile."""
+    release_memory()
+    with PeakRSS() as rss:
+        if warm_up:
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return min(times), rss.peak
+
+
+def floor(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    params = [p for p in model.parameters()]
+
+    def run():
+        logits = model(x)
+        for c in range(logits.shape[1]):
+            torch.autograd.grad(logits[:, c].sum(), params, retain_graph=c + 1 < logits.shape[1])
+
+    return run
+
+
+def trak_one_class(model: nn.Module, x: torch.Tensor, k: int) -> Callable[[], None]:
+    """Class 0 of the authors' pipeline: per-sample gradients of logit 0, then BasicProjector."""
+    from trak.projectors import BasicProjector, ProjectionType
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    projector = BasicProjector(sum(p.numel() for p in params.values()), k, 0, ProjectionType.rademacher, "cpu")
+
+    def logit(p, example, c):
+        return functional_call(model, p, (example[None],))[0, c]
+
+    def run():
+        grads = vmap(grad(logit), in_dims=(None, 0, None))(params, x, 0)
+        projector.project(torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1), model_id=0)
+
+    return run
+
+
+def kernel_error(features: torch.Tensor, exact: torch.Tensor) -> float:
+    off = ~torch.eye(len(exact), dtype=torch.bool)
+    return (ln.kernel_from_features(features) - exact)[off].abs().mean().item()
+
+
+# -- the table ------------------------------------------------------------------------------------------
+
+
+def featurization_rows(setup: Setup, ks: tuple[int, ...], repeats: int, seeds: int) -> list[dict]:
+    """The rows of one model: throughput and peak RSS first, then the kernel errors (which hold
+    exact gradients in memory, so they come after every timed row)."""
+    torch.manual_seed(0)
+    model = setup.make().eval()
+    x = torch.randn(setup.batch, *setup.input_shape)
+    num_params = sum(p.numel() for p in model.parameters())
+    base = dict(model=setup.name, P=num_params)
+    t_floor, rss = seconds(floor(model, x), repeats)
+    rows = [dict(base, K="—", method="floor", rate=setup.batch / t_floor, rss=rss)]
+    for k in ks:
+        sketch = ln.Featurizer(model, projection_dim=k, projector="sketch")
+        t, rss = seconds(lambda: sketch.featurize_batch(x), repeats)
+        rows.append(dict(base, K=k, method="sketch", rate=setup.batch / t, rss=rss))
+        if setup.baselines:
+            dense = ln.Featurizer(model, projection_dim=k, projector="gaussian", memory_budget=DENSE_CACHE)
+            cached = num_params * k * 4 <= DENSE_CACHE  # a warm-up batch then builds the cache
+            t, rss = seconds(lambda: dense.featurize_batch(x), 1, warm_up=cached)
+            rows.append(dict(base, K=k, method="dense", rate=setup.batch / t, rss=rss))
+            del dense
+            t, rss = seconds(trak_one_class(model, x, k), 1, warm_up=False)
+            rows.append(dict(base, K=k, method="TRAK", rate=setup.batch / (t * CLASSES), rss=rss))
+    release_memory()
+    fixed = torch.randn(setup.error_examples, *setup.input_shape, generator=torch.Generator().manual_seed(1))
+    exact = ln.exact_kernel(model, fixed)
+    grads = ln.gradient_features(model, fixed) if setup.baselines else None
+    for row in rows[1:]:
+        k = row["K"]
+        if row["method"] == "sketch":
+            features = [ln.project_features(model, fixed, projection_dim=k, projector="sketch", seed=s) for s in range(seeds)]
+            row["error"] = statistics.mean(kernel_error(f, exact) for f in features)
+            row["error_fp16"] = kernel_error(features[0].half(), exact)
+        elif row["method"] == "dense":
+            dense_seeds = range(max(1, seeds * 512 // k))
+            projectors = (ln.RandomProjector(grads.shape[-1], k, "gaussian", s, DENSE_CACHE) for s in dense_seeds)
+            row["error"] = statistics.mean(kernel_error(p.project(grads), exact) for p in projectors)
+    by_method = {(r["K"], r["method"]): r for r in rows}
+    for r in rows:
+        r["vs_floor"] = r["rate"] / rows[0]["rate"]
+        if r["method"] == "sketch" and setup.baselines:
+            dense, trak = by_method[(r["K"], "dense")], by_method[(r["K"], "TRAK")]
+            r.update(vs_dense=r["rate"] / dense["rate"], vs_trak=r["rate"] / trak["rate"], error_vs_dense=r["error"] / dense["error"])
+    return rows
+
+
+def exact_digits(n: int) -> dict:
+    """The exact trNTK of n × n digits for a 64-128-128-10 MLP: factored path against the vmap path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    x = load_digits_tensors()[0][:n]
+    start = time.perf_counter()
+    factored = ln.exact_kernel(model, x, method="factored", batch_size=256)
+    t_factored = time.perf_counter() - start
+    start = time.perf_counter()
+    vmapped = ln.exact_kernel(model, x, method="vmap", batch_size=256)
+    t_vmap = time.perf_counter() - start
+    return dict(n=n, factored=t_factored, vmap=t_vmap, diff=(factored - vmapped).abs().max().item())
+
+
+def block_assembly(n: int, k: int, repeats: int) -> dict:
+    """Kernel row blocks (normalised, block by block) against one matmul of the same shapes."""
+    a = torch.randn(n, CLASSES, k)
+    b = torch.randn(n, CLASSES, k)
+    t_blocks, _ = seconds(lambda: ln.kernel_from_features(a, b), repeats)
+    flat_a, flat_b = a.flatten(1), b.flatten(1)
+    t_matmul, _ = seconds(lambda: flat_a @ flat_b.T, repeats)
+    return dict(n=n, k=k, blocks=t_blocks, matmul=t_matmul)
+
+
+def fmt_rate(r: float) -> str:
+    return f"{r:,.1f}" if r < 100 else f"{r:,.0f}"
+
+
+def fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return ""
+    return f"{r:,.0f}×" if r >= 100 else f"{r:.2f}×" if r < 10 else f"{r:.1f}×"
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| model | K | method | examples/s | × TRAK | share of floor | × dense | peak RSS | kernel MAE | MAE / dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        error = f"{r['error']:.5f}" if "error" in r else ""
+        if "error_fp16" in r:
+            error += f" (fp16 {r['error_fp16']:.5f})"
+        print(
+            f"| {r['model']} | {r['K'] if r['K'] == '—' else format(r['K'], ',')} | {r['method']} | {fmt_rate(r['rate'])} | "
+            f"{fmt_ratio(r.get('vs_trak'))} | {100 * r['vs_floor']:.0f}% | {fmt_ratio(r.get('vs_dense'))} | "
+            f"{r['rss'] / 2**30:.2f} GiB | {error} | {fmt_ratio(r.get('error_vs_dense'))} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="K = 512 and 2,048, fewer repeats, seeds and examples")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed batches per row (best is kept)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    ks = (512, 2048) if quick else (512, 2048, 10240)
+    repeats = args.repeats or (2 if quick else 4)
+    seeds = 2 if quick else 4
+    setups = [
+        Setup("SPEC CNN", spec_cnn, (3, 32, 32), 32, 40, True),
+        Setup("MLP 784-256-256-10", mlp, (784,), 32, 40, True),
+        Setup("ResNet-18 (32×32)", ResNet18, (3, 32, 32), 16, 8 if quick else 16, False),
+    ]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {psutil.cpu_count()} CPUs\n")
+    rows = []
+    for setup in setups:
+        rows += featurization_rows(setup, ks, repeats, seeds)
+    print_table(rows)
+    digits = exact_digits(300 if quick else 1000)
+    print(
+        f"\nExact trNTK, {digits['n']:,} × {digits['n']:,} digits, MLP 64-128-128-10: factored {digits['factored']:.2f} s, "
+        f"vmap {digits['vmap']:.2f} s ({digits['vmap'] / digits['factored']:.0f}× faster), max |difference| {digits['diff']:.1e}"
+    )
+    blocks = block_assembly(1024 if quick else 2048, 512, repeats)
+    print(
+        f"Kernel row blocks, {blocks['n']:,} × {blocks['n']:,} from [N, {CLASSES}, {blocks['k']}] features: "
+        f"{blocks['blocks']:.3f} s against {blocks['matmul']:.3f} s for one matmul "
+        f"({100 * blocks['matmul'] / blocks['blocks']:.0f}% of its throughput)"
+    )
+
+
+if __name__ == "__main__":
+    main()
