@@ -366,13 +366,17 @@ def write_report(rows, residuals_by_setup, history, out_dir: Path, seconds: floa
 
 
 def log_to_wandb(report: Path, rows: Sequence[dict], project: str) -> None:
-    """Send the per-seed rows as a table and the plots as images to a W&B run."""
+    """Send the per-seed rows and the summary (mean and standard error per setup and kernel) as
+    tables, and the plots as images, to a W&B run."""
     import wandb
 
     run = wandb.init(project=project, job_type="surrogate-study")
     columns = sorted(rows[0])
+    summary_columns = ["setup", "kernel", "seeds"] + [f"{c}_{part}" for c in FIDELITY_COLUMNS for part in ("mean", "se")]
+    summary = [[e["setup"], e["kernel"], e["seeds"], *(v for c in FIDELITY_COLUMNS for v in e[c])] for e in summarize(rows)]
     run.log({
         "study/results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
+        "study/summary": wandb.Table(columns=summary_columns, data=summary),
         **{f"study/{p.stem}": wandb.Image(str(p)) for p in report.parent.glob("*.png")},
     })
     run.finish()

@@ -57,20 +57,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def wandb_dir(tmp_path, monkeypatch):
-    """W&B offline, with every folder it writes to under the test's temporary folder."""
-    import wandb
-
-    folder = tmp_path / "wandb_home"
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-        monkeypatch.setenv(var, str(folder))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    yield folder
-    wandb.finish()
-
-
 def stored_checkpoint(root, epoch):
     [folder] = (root / "ntk_store").glob(f"epoch={epoch:04d}-*")
     return {path.stem: torch.as_tensor(np.load(path)) for path in folder.glob("*.npy")}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from models import mlp
 from test_datasets import write_fake_mnist
+from wandb_offline import find_runs, read_run
 
 import lightning_ntk as ln
 from lightning_ntk import study
@@ -40,12 +41,14 @@ def test_summary_is_mean_and_standard_error_over_seeds():
     assert "| s | k | 3 | 0.500 ± 0.208 | 50.00 ± 20.82 |" in table
 
 
-def test_small_study_writes_table_plots_and_results(tmp_path, capsys):
-    """Digits and MNIST-format data run; CIFAR-10, absent, is skipped with the reason."""
+def test_small_study_writes_table_plots_and_results(tmp_path, capsys, wandb_dir):
+    """Digits and MNIST-format data run; CIFAR-10, absent, is skipped with the reason; the per-seed
+    table and the plots reach W&B."""
     write_fake_mnist(tmp_path / "data")
     kernels = (study.KernelChoice("trNTK", "trntk"), study.KernelChoice("proj-trNTK K=64", "trntk", 64), study.KernelChoice("ck", "ck"))
     report = study.run_study(
         ["digits01_mlp", "mnist01_mlp", "cifar2_cnn"], seeds=2, kernels=kernels, out_dir=tmp_path / "out", epochs=1, data_dir=tmp_path / "data",
+        wandb_project="ntk-study-test",
     )
     text = report.read_text()
     assert "| digits01_mlp | trNTK | 2 |" in text and "| digits01_mlp | ck | 2 |" in text and "| mnist01_mlp | trNTK | 2 |" in text
@@ -54,3 +57,12 @@ def test_small_study_writes_table_plots_and_results(tmp_path, capsys):
     assert "skipped: CIFAR10 is not under" in printed and "Skipped for want of data: cifar2_cnn" in printed
     for name in ("fidelity_per_kernel.png", "residual_vs_k.png", "fidelity_across_epochs.png"):
         assert (tmp_path / "out" / name).stat().st_size > 1000
+
+    [run_dir] = find_runs(wandb_dir)
+    [row] = read_run(run_dir).rows("study/results")
+    table = read_run(run_dir).media(row["study/results"]["path"])
+    assert len(table["data"]) == 2 * 2 * len(kernels) and "kendall_tau" in table["columns"]
+    summary = read_run(run_dir).media(row["study/summary"]["path"])
+    assert len(summary["data"]) == 2 * len(kernels) and "kendall_tau_se" in summary["columns"]
+    for name in ("fidelity_per_kernel", "residual_vs_k", "fidelity_across_epochs"):
+        assert row[f"study/{name}"]["_type"] == "image-file"
