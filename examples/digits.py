@@ -11,7 +11,6 @@ upload the offline run.
 from __future__ import annotations
 
 import argparse
-import netrc
 import os
 
 import lightning as L
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_ntk import NTKAttributionCallback
-from lightning_ntk.dashboards import format_history
+from lightning_ntk.dashboards import format_history, wandb_mode
 from lightning_ntk.datasets import DigitsDataModule
 from lightning_ntk.study import Classifier
 
@@ -29,18 +28,6 @@ class DigitsClassifier(Classifier):
 
     def __init__(self, hidden: int = 64, lr: float = 0.05):
         super().__init__(nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)), lr)
-
-
-def wandb_mode() -> str:
-    """``WANDB_MODE`` if set; otherwise online with a W&B login (API key or netrc entry), else offline."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
-    except (OSError, netrc.NetrcParseError):
-        return "offline"
 
 
 def make_logger(project: str, save_dir: str):

@@ -9,6 +9,8 @@ a line plot. ``wandb`` is imported only when a W&B run is there to receive them.
 from __future__ import annotations
 
 import math
+import netrc
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,6 +20,18 @@ from torch.utils._pytree import tree_flatten, tree_map
 PREFIX = "ntk/"
 HISTORY_PLOT_METRICS = ("kendall_tau", "agreement", "surrogate_acc", "network_acc")
 TABLE_COLUMNS = ("kendall_tau", "tad", "agreement", "surrogate_acc", "network_acc", "miss_overlap", "featurize_seconds", "fit_seconds")
+
+
+def wandb_mode() -> str:
+    """``WANDB_MODE`` if set; otherwise online with a W&B login (API key or netrc entry), else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
+    except (OSError, netrc.NetrcParseError):
+        return "offline"
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:

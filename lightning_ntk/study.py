@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .callback import NTKAttributionCallback
+from .dashboards import wandb_mode
 from .datasets import load_digits_tensors, load_torchvision_pair
 from .featurize import embedding_features, project_features
 from .kernels import factored_kernel, kernel_from_features
@@ -367,10 +368,10 @@ def write_report(rows, residuals_by_setup, history, out_dir: Path, seconds: floa
 
 def log_to_wandb(report: Path, rows: Sequence[dict], project: str) -> None:
     """Send the per-seed rows and the summary (mean and standard error per setup and kernel) as
-    tables, and the plots as images, to a W&B run."""
+    tables, and the plots as images, to a W&B run kept beside the report (``<out>/wandb``)."""
     import wandb
 
-    run = wandb.init(project=project, job_type="surrogate-study")
+    run = wandb.init(project=project, job_type="surrogate-study", dir=str(report.parent), mode=wandb_mode())
     columns = sorted(rows[0])
     summary_columns = ["setup", "kernel", "seeds"] + [f"{c}_{part}" for c in FIDELITY_COLUMNS for part in ("mean", "se")]
     summary = [[e["setup"], e["kernel"], e["seeds"], *(v for c in FIDELITY_COLUMNS for v in e[c])] for e in summarize(rows)]
@@ -379,7 +380,10 @@ def log_to_wandb(report: Path, rows: Sequence[dict], project: str) -> None:
         "study/summary": wandb.Table(columns=summary_columns, data=summary),
         **{f"study/{p.stem}": wandb.Image(str(p)) for p in report.parent.glob("*.png")},
     })
+    run_dir, offline = Path(run.dir).parent, run.settings.mode == "offline"
     run.finish()
+    if offline:
+        print(f"The W&B run was saved offline. Upload it with:\n  wandb sync {run_dir}")
 
 
 def run_study(setups: Sequence[str], seeds: int, kernels: Sequence[KernelChoice] = DEFAULT_KERNELS, out_dir: str | Path = "outputs/study",

@@ -55,10 +55,11 @@ def test_small_study_writes_table_plots_and_results(tmp_path, capsys, wandb_dir)
     assert "cifar2_cnn" not in text
     printed = capsys.readouterr().out
     assert "skipped: CIFAR10 is not under" in printed and "Skipped for want of data: cifar2_cnn" in printed
+    assert f"wandb sync {tmp_path / 'out' / 'wandb'}" in printed
     for name in ("fidelity_per_kernel.png", "residual_vs_k.png", "fidelity_across_epochs.png"):
         assert (tmp_path / "out" / name).stat().st_size > 1000
 
-    [run_dir] = find_runs(wandb_dir)
+    [run_dir] = find_runs(tmp_path / "out" / "wandb")
     [row] = read_run(run_dir).rows("study/results")
     table = read_run(run_dir).media(row["study/results"]["path"])
     assert len(table["data"]) == 2 * 2 * len(kernels) and "kendall_tau" in table["columns"]
