@@ -14,6 +14,7 @@ import torch
 
 from .featurize import FeatureSpec
 from .kernels import DEFAULT_BLOCK_SIZE
+from .metrics import predictions
 from .surrogate import KernelSurrogate
 
 TopK = tuple[torch.Tensor, torch.Tensor]  # (values, indices), each [M, k]
@@ -99,7 +100,7 @@ def attribute(
     weight = surrogate.weight.detach()
     single = weight.shape[0] == 1
     if target is None:
-        target = (logits[:, 0] > 0).long() if single else logits.argmax(1)
+        target = predictions(logits)
     target = torch.as_tensor(target, dtype=torch.long).reshape(-1)
     if target.numel() not in (1, logits.shape[0]):
         raise ValueError(f"Got {target.numel()} targets for {logits.shape[0]} queries: pass one class, or one per query.")

@@ -34,7 +34,7 @@ from .attribution import Attribution, attribute
 from .featurize import EMBEDDING_KINDS, FeatureSpec, Featurizer, embedding_features, gradient_features, stream_features
 from .jacobian import check_logits, eval_mode, parameter_fingerprint, select_parameters
 from .kernels import kernel_from_features
-from .metrics import SurrogateFidelity, fidelity_scores
+from .metrics import SurrogateFidelity, fidelity_scores, predictions
 from .projection import DEFAULT_MEMORY_BUDGET, check_projection_dim
 from .store import FeatureStore
 from .surrogate import KernelSurrogate, fit_from_features, fit_from_kernel
@@ -509,9 +509,9 @@ class NTKAttributionCallback(L.Callback):
             )
             for kind in ("proponent", "opponent")
         }
-        predictions = [(logits[positions, 0] > 0).long() if logits.shape[1] == 1 else logits[positions].argmax(1) for logits in (network_logits, surrogate_logits)]
+        predicted = [predictions(logits[positions]) for logits in (network_logits, surrogate_logits)]
         return dashboards.attribution_table(
-            self._query.indices[positions], self._query.inputs(positions, self.task), self._query.labels[positions], *predictions, ranked, self.image_shape
+            self._query.indices[positions], self._query.inputs(positions, self.task), self._query.labels[positions], *predicted, ranked, self.image_shape
         )
 
     def _to_dataset_indices(self, result: Attribution) -> Attribution:

@@ -75,7 +75,8 @@ def kendall_tau_b(x, y) -> float:
     return (pairs - x_ties - y_ties + joint_ties - 2 * discordant) / denominator
 
 
-def _predictions(logits: torch.Tensor) -> torch.Tensor:
+def predictions(logits: torch.Tensor) -> torch.Tensor:
+    """Predicted classes ``[M]``: the argmax, or ``logit > 0`` for a single logit."""
     return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
 
 
@@ -119,7 +120,7 @@ def fidelity_scores(network_logits: torch.Tensor, surrogate_logits: torch.Tensor
     if network_logits.shape[1] == 1 and score == "true_class":
         net, sur = torch.sigmoid(network_logits.double()[:, 0]), torch.sigmoid(surrogate_logits.double()[:, 0])
     else:
-        column = labels if score == "true_class" else _predictions(network_logits)
+        column = labels if score == "true_class" else predictions(network_logits)
         column = column.long().unsqueeze(1)
         net = _probabilities(network_logits).gather(1, column)[:, 0]
         sur = _probabilities(surrogate_logits).gather(1, column)[:, 0]
@@ -176,7 +177,7 @@ def _add_count_states(metric: Metric) -> None:
 
 def _update_counts(metric: Metric, network_logits: torch.Tensor, surrogate_logits: torch.Tensor, labels: torch.Tensor) -> None:
     labels = labels.long()
-    network_pred, surrogate_pred = _predictions(network_logits), _predictions(surrogate_logits)
+    network_pred, surrogate_pred = predictions(network_logits), predictions(surrogate_logits)
     network_miss, surrogate_miss = network_pred != labels, surrogate_pred != labels
     metric.total += labels.numel()
     metric.network_correct += (~network_miss).sum()

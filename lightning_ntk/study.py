@@ -27,9 +27,9 @@ from torch.nn import functional as F
 from .callback import NTKAttributionCallback
 from .dashboards import wandb_mode
 from .datasets import load_digits_tensors, load_torchvision_pair
-from .featurize import embedding_features, project_features
-from .kernels import factored_kernel, kernel_from_features
-from .metrics import SurrogateFidelity
+from .featurize import project_features
+from .kernels import exact_kernel, kernel_from_features
+from .metrics import SurrogateFidelity, predictions
 from .surrogate import fit_from_kernel
 
 FIDELITY_COLUMNS = ("kendall_tau", "tad", "agreement", "miss_overlap", "surrogate_acc", "network_acc")
@@ -82,9 +82,7 @@ class Classifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        logits = self(batch[0])
-        pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
-        self.log("val_acc", (pred == batch[1]).float().mean(), prog_bar=True)
+        self.log("val_acc", (predictions(self(batch[0])) == batch[1]).float().mean(), prog_bar=True)
 
     def configure_optimizers(self):
         if self.optimizer == "adam":
@@ -170,18 +168,16 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def kernel_pairs(
     network: nn.Module, x_train: torch.Tensor, x_test: torch.Tensor, kernels: Sequence[KernelChoice], seed: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{label: (κ(train, train), κ(test, train))}`` for every kernel. Exact gradient kernels use the
-    factored path (no per-example gradients); projected kernels use the study seed for their projection."""
+    """``{label: (κ(train, train), κ(test, train))}`` for every kernel. Exact kernels come from
+    :func:`exact_kernel` (gradient kernels by its factored path, no per-example gradients); projected
+    kernels use the study seed for their projection."""
     pairs = {}
     for choice in kernels:
-        if choice.projection_dim is not None:
-            train, test = (project_features(network, x, choice.kind, choice.projection_dim, choice.projector, seed) for x in (x_train, x_test))
-        elif choice.kind in ("em", "ck"):
-            train, test = (embedding_features(network, x, choice.kind) for x in (x_train, x_test))
+        if choice.projection_dim is None:
+            pairs[choice.label] = (exact_kernel(network, x_train, kind=choice.kind), exact_kernel(network, x_test, x_train, kind=choice.kind))
         else:
-            pairs[choice.label] = (factored_kernel(network, x_train, kind=choice.kind), factored_kernel(network, x_test, x_train, kind=choice.kind))
-            continue
-        pairs[choice.label] = (kernel_from_features(train), kernel_from_features(test, train))
+            train, test = (project_features(network, x, choice.kind, choice.projection_dim, choice.projector, seed) for x in (x_train, x_test))
+            pairs[choice.label] = (kernel_from_features(train), kernel_from_features(test, train))
     return pairs
 
 
