@@ -45,11 +45,16 @@ def _as_tensor(values: Any) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
+def _fitting_tensor(values: Any) -> torch.Tensor:
+    """``values`` in the precision the surrogate is fitted in: float64 stays float64, the rest float32."""
+    tensor = _as_tensor(values)
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def flat_unit_features(features: Any, normalize: bool) -> torch.Tensor:
     """Features flattened to ``[N, C·K]``, each row scaled to unit norm when ``normalize``: then
     ``κ = Φ Φᵀ`` is the cosine-normalised kernel."""
-    flat = _as_tensor(features).reshape(features.shape[0], -1)
-    flat = flat if flat.dtype == torch.float64 else flat.float()
+    flat = _fitting_tensor(features).reshape(features.shape[0], -1)
     check_finite(flat, "feature array")
     if normalize:
         flat = flat / feature_norms(flat).clamp_min(torch.finfo(flat.dtype).tiny).unsqueeze(1)
@@ -300,8 +305,7 @@ def fit_from_kernel(
     epoch, or after ``max_epochs`` (default 100). ``trainer_kwargs`` go to the ``Trainer``, ``options`` to :class:`KernelSurrogate`. Whether the
     kernel is cosine-normalised is read off its diagonal and enforced on test rows.
     """
-    train_kernel = _as_tensor(train_kernel)
-    train_kernel = train_kernel if train_kernel.dtype == torch.float64 else train_kernel.float()
+    train_kernel = _fitting_tensor(train_kernel)
     if train_kernel.ndim != 2 or train_kernel.shape[0] != train_kernel.shape[1] or train_kernel.shape[0] == 0:
         raise ValueError(f"The training kernel must be a square [N, N] matrix, got {tuple(train_kernel.shape)}.")
     check_finite(train_kernel, "training kernel")
