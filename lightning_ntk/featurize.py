@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, check_logits, eval_mode, parameter_fingerprint
-from .layers import LayerGradients
+from .layers import CONV_TYPES, LayerGradients
 from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector, check_projection_dim
 from .task import Task, batch_size_of, is_raw_inputs, iter_batches, move_inputs, slice_inputs
 
@@ -271,18 +271,24 @@ def embedding_features(
     if unknown:
         raise ValueError(f"Unknown layer names {unknown}; choose among {[n for n in modules if n][:12]}.")
 
+    def hooked_modules(inputs) -> list[nn.Module]:
+        if kind == "ck":
+            return [_last_linear(model, inputs, task)]
+        if layers is not None:
+            return [modules[n] for n in layers]
+        last = _last_linear(model, inputs, task)
+        return [m for m in model.modules() if isinstance(m, (nn.Linear, *CONV_TYPES)) and m is not last]
+
+    targets: list[nn.Module] = []  # fixed by the model: found on the first batch, whose forward pass that costs
+
     def featurize_batch(inputs):
         captured: list[torch.Tensor] = []
         with eval_mode(model), torch.no_grad():
+            if not targets:
+                targets.extend(hooked_modules(inputs))
             if kind == "ck":
-                targets = [_last_linear(model, inputs, task)]
                 hook = lambda mod, args, out: captured.append(args[0])  # noqa: E731
             else:
-                last = _last_linear(model, inputs, task) if layers is None else None
-                targets = [modules[n] for n in layers] if layers is not None else [
-                    m for m in model.modules()
-                    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m is not last
-                ]
                 hook = lambda mod, args, out: captured.append(out)  # noqa: E731
             handles = [m.register_forward_hook(hook) for m in targets]
             try:
