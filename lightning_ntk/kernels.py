@@ -23,10 +23,24 @@ DEFAULT_BLOCK_SIZE = 1024
 FACTORED_KINDS = ("trntk", "trntk0", "pntk")
 
 
+def as_tensor(values: Any) -> torch.Tensor:
+    """A tensor view of ``values``; read-only arrays (memmaps opened with ``mode="r"``) are copied."""
+    if isinstance(values, torch.Tensor):
+        return values
+    array = np.asarray(values)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def unit_rows(rows: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows scaled to unit norm (all-zero rows stay zero), so that ``U Uᵀ`` is the cosine kernel;
+    ``norms`` are the rows' norms when already known."""
+    norms = rows.norm(dim=1) if norms is None else norms.to(rows.dtype)
+    return rows / norms.clamp_min(torch.finfo(rows.dtype).tiny).unsqueeze(1)
+
+
 def _flat(features: Any, rows: slice = slice(None)) -> torch.Tensor:
     """Rows of features as ``[n, C·K]``; half-precision storage is widened to float32 for accumulation."""
-    block = features[rows]
-    block = torch.as_tensor(np.asarray(block)) if not isinstance(block, torch.Tensor) else block
+    block = as_tensor(features[rows])
     if block.dtype in (torch.float16, torch.bfloat16):
         block = block.float()
     return block.reshape(block.shape[0], -1)
@@ -68,13 +82,12 @@ def kernel_blocks(
         )
     b = _flat(features_b)
     if normalize:
-        nb = feature_norms(features_b, block_size) if norms_b is None else norms_b
-        b = b / nb.clamp_min(torch.finfo(b.dtype).tiny).unsqueeze(1).to(b.dtype)
+        b = unit_rows(b, feature_norms(features_b, block_size) if norms_b is None else norms_b)
     for start in range(0, features_a.shape[0], block_size):
         rows = slice(start, min(start + block_size, features_a.shape[0]))
         a = _flat(features_a, rows).to(b.dtype)
         if normalize:
-            a = a / a.norm(dim=1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+            a = unit_rows(a)
         yield rows, a @ b.T
 
 

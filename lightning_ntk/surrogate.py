@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from .featurize import FeatureSpec
-from .kernels import DEFAULT_BLOCK_SIZE, feature_norms
+from .kernels import DEFAULT_BLOCK_SIZE, as_tensor, unit_rows
 
 FORMULATIONS = ("multinomial", "ovr")
 LBFGS_HISTORY = 100  # curvature pairs kept: the objective is ill-conditioned at small α; 100 halves the evaluations of 20
@@ -37,17 +37,9 @@ def check_finite(values: torch.Tensor, name: str) -> None:
         )
 
 
-def _as_tensor(values: Any) -> torch.Tensor:
-    """A tensor view of ``values``; read-only arrays (memmaps opened with ``mode="r"``) are copied."""
-    if isinstance(values, torch.Tensor):
-        return values
-    array = np.asarray(values)
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
-
-
 def _fitting_tensor(values: Any) -> torch.Tensor:
     """``values`` in the precision the surrogate is fitted in: float64 stays float64, the rest float32."""
-    tensor = _as_tensor(values)
+    tensor = as_tensor(values)
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
@@ -57,7 +49,7 @@ def flat_unit_features(features: Any, normalize: bool) -> torch.Tensor:
     flat = _fitting_tensor(features).reshape(features.shape[0], -1)
     check_finite(flat, "feature array")
     if normalize:
-        flat = flat / feature_norms(flat).clamp_min(torch.finfo(flat.dtype).tiny).unsqueeze(1)
+        flat = unit_rows(flat)
     return flat
 
 
@@ -218,7 +210,7 @@ class KernelSurrogate(L.LightningModule):
         (a tensor or numpy array, memmaps included, read ``block_size`` rows at a time)."""
         blocks = []
         for start in range(0, max(1, kernel_rows.shape[0]), block_size):
-            rows = _as_tensor(kernel_rows[start : start + block_size])
+            rows = as_tensor(kernel_rows[start : start + block_size])
             self.check_kernel_rows(rows, spec)
             blocks.append(self(rows.to(self.weight.device)).cpu())
         return torch.cat(blocks)
@@ -249,7 +241,7 @@ class KernelSurrogate(L.LightningModule):
 
 
 def _labels(train_labels: Any, num_train: int, num_outputs: int | None) -> tuple[torch.Tensor, int]:
-    labels = _as_tensor(train_labels).flatten()
+    labels = as_tensor(train_labels).flatten()
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"Labels must be integer class indices, got {labels.dtype}.")
     labels = labels.long()
