@@ -22,7 +22,7 @@ demo: venv
 	$(PY) examples/digits.py
 
 study: venv
-	$(PY) -m lightning_ntk.study --out outputs/study
+	$(PY) -m lightning_ntk.studies.paper --out outputs/study
 
 bench: venv
 	$(PY) -m pip install -q -e ".[bench]"

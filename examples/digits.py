@@ -17,17 +17,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_ntk import NTKAttributionCallback
+from lightning_ntk import NTKAttributionCallback, ProjectionConfig, SubsetConfig
 from lightning_ntk.dashboards import format_history, wandb_mode
-from lightning_ntk.datasets import DigitsDataModule
-from lightning_ntk.study import Classifier
-
-
-class DigitsClassifier(Classifier):
-    """An MLP on the 8×8 digits (64 pixels), trained with SGD (momentum 0.9) and cross-entropy."""
-
-    def __init__(self, hidden: int = 64, lr: float = 0.05):
-        super().__init__(nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)), lr)
+from lightning_ntk.demos import DigitsClassifier, DigitsDataModule
 
 
 def make_logger(project: str, save_dir: str):
@@ -60,8 +52,10 @@ def main(argv=None) -> list[dict]:
 
     L.seed_everything(args.seed, verbose=False)
     callback = NTKAttributionCallback(
-        kernel=args.kernel, projection_dim=args.projection_dim, projector=args.projector, seed=args.seed, every_n_epochs=args.every_n_epochs,
-        max_train_examples=args.max_train_examples, max_query_examples=None, top_k=5, image_shape=[8, 8],
+        kernel=args.kernel,
+        projection=ProjectionConfig(dim=args.projection_dim, projector=args.projector, seed=args.seed),
+        subsets=SubsetConfig(max_train_examples=args.max_train_examples, max_query_examples=None, seed=args.seed),
+        every_n_epochs=args.every_n_epochs, top_k=5, image_shape=[8, 8],
     )
     logger = make_logger(args.project, args.out)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],

@@ -16,8 +16,8 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ntk.datasets import load_torchvision_pair
-from lightning_ntk.study import Classifier, binary_cnn, binary_mlp
+from lightning_ntk.demos import load_torchvision_pair
+from lightning_ntk.demos import Classifier, binary_cnn, binary_mlp
 
 
 class BinaryClassifier(Classifier):

@@ -34,20 +34,13 @@ def wandb_mode() -> str:
         return "offline"
 
 
-def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The numeric entries of a history row, as ``ntk/<name>`` floats (booleans as 0/1)."""
-    return {
-        PREFIX + key: float(value)
-        for key, value in row.items()
-        if key not in ("epoch", "step") and isinstance(value, (int, float))
-    }
-
-
-def log_scalars(loggers: Sequence[Any], row: dict[str, Any]) -> None:
-    """Send a history row's scalars to every Lightning logger, with the epoch, at the row's step."""
-    metrics = dict(scalars(row), epoch=float(row["epoch"]))
+def log_scalars(loggers: Sequence[Any], record: Any, prefix: str = PREFIX) -> None:
+    """Send a checkpoint record's figures to every Lightning logger as ``<prefix><name>``, with the
+    epoch, at the record's step."""
+    metrics = {prefix + key: value for key, value in record.scalars().items()}
+    metrics["epoch"] = float(record.epoch)
     for logger in loggers:
-        logger.log_metrics(metrics, step=row["step"])
+        logger.log_metrics(metrics, step=record.step)
 
 
 def wandb_runs(loggers: Sequence[Any]) -> list[Any]:
@@ -146,10 +139,11 @@ def _finite(value: float) -> float | None:
 
 def log_checkpoint_media(
     run: Any,
-    history: Sequence[dict[str, Any]],
+    history: Sequence[Any],
     network_scores: torch.Tensor,
     surrogate_scores: torch.Tensor,
     table: Any | None = None,
+    prefix: str = PREFIX,
 ) -> None:
     """Log one checkpoint's media to a W&B run: the attribution table, the probability scatter and
     the fidelity history so far, at the epoch and step of the latest history row."""
@@ -157,28 +151,27 @@ def log_checkpoint_media(
 
     row = history[-1]
     scatter = wandb.Table(columns=["network", "surrogate"], data=[[float(a), float(b)] for a, b in zip(network_scores, surrogate_scores)])
-    epochs = [r["epoch"] for r in history]
+    epochs = [r.epoch for r in history]
     media = {
-        PREFIX + "probability_scatter": wandb.plot.scatter(
-            scatter, "network", "surrogate", title=f"True-class probability, network vs surrogate (epoch {row['epoch']})"
+        prefix + "probability_scatter": wandb.plot.scatter(
+            scatter, "network", "surrogate", title=f"True-class probability, network vs surrogate (epoch {row.epoch})"
         ),
-        PREFIX + "fidelity_history": wandb.plot.line_series(
+        prefix + "fidelity_history": wandb.plot.line_series(
             xs=epochs,
-            ys=[[_finite(float(r[m])) for r in history] for m in HISTORY_PLOT_METRICS],
+            ys=[[_finite(float(getattr(r, m))) for r in history] for m in HISTORY_PLOT_METRICS],
             keys=list(HISTORY_PLOT_METRICS),
             title="NTK surrogate fidelity across training",
             xname="epoch",
         ),
     }
     if table is not None:
-        media[PREFIX + "attributions"] = table
-    run.log(dict(media, epoch=row["epoch"], **{"trainer/global_step": row["step"]}))
+        media[prefix + "attributions"] = table
+    run.log(dict(media, epoch=row.epoch, **{"trainer/global_step": row.step}))
 
 
-def format_history(history: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
-    """The fidelity history as a plain-text table, one line per checkpoint."""
-    present = [c for c in columns if any(c in row for row in history)]
-    header = ["epoch", *present]
-    lines = [header] + [[str(row["epoch"])] + [f"{float(row[c]):.3f}" if c in row else "" for c in present] for row in history]
+def format_history(history: Sequence[Any], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """The fidelity history (checkpoint records) as a plain-text table, one line per checkpoint."""
+    header = ["epoch", *columns]
+    lines = [header] + [[str(row.epoch)] + [f"{float(getattr(row, c)):.3f}" for c in columns] for row in history]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)

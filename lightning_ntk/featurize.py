@@ -18,19 +18,8 @@ from tqdm.auto import tqdm
 from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, check_logits, eval_mode, parameter_fingerprint
 from .layers import CONV_TYPES, LayerGradients
 from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector, check_projection_dim
+from .registry import get_kernel, names, projected
 from .task import Task, batch_size_of, is_raw_inputs, iter_batches, move_inputs, slice_inputs
-
-GRADIENT_KINDS = ("trntk", "trntk0", "pntk", "entk")
-EMBEDDING_KINDS = ("em", "ck")
-KERNEL_KINDS = GRADIENT_KINDS + EMBEDDING_KINDS
-_ALIASES = {"proj_trntk": "trntk", "proj-trntk": "trntk", "proj_pntk": "pntk", "proj-pntk": "pntk"}
-
-
-def canonical_kind(kind: str) -> str:
-    kind = _ALIASES.get(kind.lower(), kind.lower()) if isinstance(kind, str) else kind
-    if kind not in KERNEL_KINDS:
-        raise ValueError(f"Unknown kernel kind {kind!r}; choose one of {KERNEL_KINDS} (or proj_trntk / proj_pntk).")
-    return kind
 
 
 @dataclass(frozen=True)
@@ -94,12 +83,14 @@ def stream_features(
     progress: bool | str = False,
 ) -> torch.Tensor:
     """Apply ``featurize_batch`` to the model inputs of every batch of ``data`` and concatenate the
-    results on the CPU. ``data`` is a tensor/dict of inputs or an iterable of batches."""
-    return torch.cat([out.cpu() for out in stream_batches(model, data, featurize_batch, task, batch_size, progress)])
+    results on the CPU, detached from the network's autograd graph. ``data`` is a tensor/dict of inputs
+    or an iterable of batches."""
+    return torch.cat([out.detach().cpu() for out in stream_batches(model, data, featurize_batch, task, batch_size, progress)])
 
 
 class Featurizer:
-    """Projected NTK features of a model: ``[N, C, K]`` for ``kind="trntk"``, ``[N, K]`` for ``"pntk"``.
+    """Projected NTK features of a model: ``[N, C, K]`` for ``kind="proj_trntk"``, ``[N, K]`` for
+    ``"proj_pntk"`` (a gradient kernel's name, e.g. ``"trntk"``, stands for its projection).
 
     ``projector="sketch"`` is the fast path: per-layer signals (:class:`~lightning_ntk.layers.LayerGradients`)
     projected by a structured count-sketch (:class:`~lightning_ntk.projection.SketchProjector`) without
@@ -126,9 +117,7 @@ class Featurizer:
         chunk_size: int | None = None,
         dtype: torch.dtype | None = None,
     ):
-        self.kind = canonical_kind(kind)
-        if self.kind not in ("trntk", "trntk0", "pntk"):
-            raise ValueError(f"Projected features exist for trntk and pntk only, not {kind!r}; use exact_kernel for it.")
+        self.kernel = projected(kind)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch dtype such as torch.float16 or torch.bfloat16, got {dtype!r}.")
         self.model = model
@@ -145,11 +134,11 @@ class Featurizer:
 
     @property
     def summed(self) -> bool:
-        return self.kind == "pntk"
+        return self.kernel.summed
 
     def spec(self) -> FeatureSpec:
         return FeatureSpec(
-            kind=self.kind,
+            kind=self.kernel.family,
             projection_dim=self.projector.projection_dim,
             projector=self.projector.kind,
             seed=self.projector.seed,
@@ -205,8 +194,8 @@ def project_features(
     progress: bool | str = False,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Random-projection NTK features: ``[N, C, K]`` for ``kind="trntk"`` (proj-trNTK), ``[N, K]`` for
-    ``kind="pntk"`` (proj-pNTK). ``data`` is a tensor of inputs or a DataLoader of batches.
+    """Random-projection NTK features: ``[N, C, K]`` for ``kind="proj_trntk"`` (or ``"trntk"``), ``[N, K]``
+    for ``"proj_pntk"`` (or ``"pntk"``). ``data`` is a tensor of inputs or a DataLoader of batches.
 
     ``projector="sketch"`` is the fast structured path; ``"rademacher"``/``"gaussian"`` the dense
     reference. Kernels follow with :func:`lightning_ntk.kernel_from_features`. See :class:`Featurizer`.
@@ -225,12 +214,14 @@ def gradient_features(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Exact (unprojected) gradients: ``[N, C, P]`` for trntk/trntk0/entk, ``[N, P]`` for pntk."""
-    kind = canonical_kind(kind)
+    kernel = get_kernel(kind)
+    if not kernel.from_gradients or kernel.projected:
+        raise ValueError(f"gradient_features computes the exact gradient kernels {names(from_gradients=True, projected=False)}, not {kernel.name!r}.")
     gradients = PerExampleGradients(model, params, task)
 
     def featurize_batch(inputs):
         gradients.num_classes(inputs)  # refuses non-logit outputs with a clear message
-        return gradients(inputs, summed=kind == "pntk")
+        return gradients(inputs, summed=kernel.summed)
 
     return stream_features(model, data, featurize_batch, task, batch_size)
 
@@ -264,7 +255,9 @@ def embedding_features(
     linear one), each flattened per example and concatenated, so that ``<h(x), h(x')>`` sums over layers.
     ``ck``: the input of the final linear layer (the penultimate representation).
     """
-    kind = canonical_kind(kind)
+    kind = get_kernel(kind).family
+    if kind not in ("em", "ck"):
+        raise ValueError(f"embedding_features computes the kernels em and ck, not {kind!r}.")
     task = task or Task()
     modules = dict(model.named_modules())
     unknown = [n for n in (layers or []) if n not in modules]

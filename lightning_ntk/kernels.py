@@ -14,13 +14,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from .featurize import EMBEDDING_KINDS, canonical_kind, embedding_features, gradient_features, stream_batches
+from .featurize import embedding_features, gradient_features, stream_batches
 from .jacobian import ParamSelection
 from .layers import LayerGradients, gram_factors, signal_gram
+from .registry import Kernel, get_kernel, names
 from .task import Task
 
 DEFAULT_BLOCK_SIZE = 1024
-FACTORED_KINDS = ("trntk", "trntk0", "pntk")
+
+
+def _exact(kind: str | Kernel) -> Kernel:
+    kernel = get_kernel(kind)
+    if kernel.projected:
+        raise ValueError(
+            f"{kernel.name!r} is a projected kernel; exact kernels are {names(projected=False)}. Projected kernels come "
+            "from features: kernel_from_features(project_features(model, x, kind), ...)."
+        )
+    return kernel
+
+
+def _factored(kernel: Kernel) -> bool:
+    """Whether the kernel is a scalar gradient kernel, computable from per-layer signals."""
+    return kernel.from_gradients and kernel.scalar
 
 
 def as_tensor(values: Any) -> torch.Tensor:
@@ -130,22 +145,22 @@ def exact_kernel(
     signals, :func:`factored_kernel`; ``"vmap"`` from all ``N·C·P`` per-example gradients held in
     memory (the only method for entk). Both give the same values.
     """
-    kind = canonical_kind(kind)
+    kernel = _exact(kind)
     if method not in ("auto", "factored", "vmap"):
         raise ValueError(f"Unknown method {method!r}; choose 'auto', 'factored' or 'vmap'.")
-    if method == "factored" and kind not in FACTORED_KINDS:
-        raise ValueError(f"method='factored' computes the kinds {FACTORED_KINDS}, not {kind!r}; use method='auto'.")
-    if method != "vmap" and kind in FACTORED_KINDS:
-        return factored_kernel(model, inputs_a, inputs_b, kind, params=params, task=task, batch_size=batch_size)
-    if kind in EMBEDDING_KINDS:
-        featurize = lambda data: embedding_features(model, data, kind, layers, task=task, batch_size=batch_size)  # noqa: E731
+    if method == "factored" and not _factored(kernel):
+        raise ValueError(f"method='factored' computes the kernels trntk, trntk0 and pntk, not {kernel.name!r}; use method='auto'.")
+    if method != "vmap" and _factored(kernel):
+        return factored_kernel(model, inputs_a, inputs_b, kernel.name, params=params, task=task, batch_size=batch_size)
+    if kernel.from_gradients:
+        featurize = lambda data: gradient_features(model, data, kernel.name, params=params, task=task, batch_size=batch_size)  # noqa: E731
     else:
-        featurize = lambda data: gradient_features(model, data, kind, params=params, task=task, batch_size=batch_size)  # noqa: E731
+        featurize = lambda data: embedding_features(model, data, kernel.name, layers, task=task, batch_size=batch_size)  # noqa: E731
     features_a = featurize(inputs_a)
     features_b = None if inputs_b is None else featurize(inputs_b)
-    if kind == "entk":
+    if not kernel.scalar:
         return entk_from_features(features_a, features_b)
-    return kernel_from_features(features_a, features_b, normalize=kind != "trntk0")
+    return kernel_from_features(features_a, features_b, normalize=kernel.normalized)
 
 
 def factored_kernel(
@@ -165,25 +180,25 @@ def factored_kernel(
 
     Memory: the signals of all of A and B.
     """
-    kind = canonical_kind(kind)
-    if kind not in FACTORED_KINDS:
-        raise ValueError(f"The factored kernel exists for {FACTORED_KINDS}, not {kind!r}.")
+    kernel = _exact(kind)
+    if not _factored(kernel):
+        raise ValueError(f"The factored kernel exists for the scalar gradient kernels trntk, trntk0 and pntk, not {kernel.name!r}.")
     gradients = LayerGradients(model, params, task)
-    summed = kind == "pntk"
+    summed = kernel.summed
 
     def collect(data):
         return list(stream_batches(model, data, lambda x: gram_factors(gradients(x, summed)), task, batch_size))
 
     batches_a = collect(inputs_a)
     batches_b = batches_a if inputs_b is None else collect(inputs_b)
-    kernel = torch.cat([torch.cat([signal_gram(a, b) for b in batches_b], dim=1) for a in batches_a]).cpu()
-    if kind == "trntk0":
-        return kernel
+    gram = torch.cat([torch.cat([signal_gram(a, b) for b in batches_b], dim=1) for a in batches_a]).detach().cpu()
+    if not kernel.normalized:
+        return gram
 
     def norms(batches):
-        return torch.cat([signal_gram(s, s).diagonal() for s in batches]).cpu().sqrt()
+        return torch.cat([signal_gram(s, s).diagonal() for s in batches]).detach().cpu().sqrt()
 
     norms_a = norms(batches_a)
     norms_b = norms_a if inputs_b is None else norms(batches_b)
-    tiny = torch.finfo(kernel.dtype).tiny
-    return kernel / norms_a.clamp_min(tiny)[:, None] / norms_b.clamp_min(tiny)[None, :]
+    tiny = torch.finfo(gram.dtype).tiny
+    return gram / norms_a.clamp_min(tiny)[:, None] / norms_b.clamp_min(tiny)[None, :]

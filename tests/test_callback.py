@@ -16,50 +16,10 @@ from wandb_offline import find_runs, read_run
 
 import lightning_ntk as ln
 from lightning_ntk import NTKAttributionCallback
-from lightning_ntk.datasets import DigitsDataModule
-from lightning_ntk.study import Classifier
+from conftest import DigitsMLP, fit, small_callback, stored_checkpoint
+from lightning_ntk.demos import DigitsDataModule
 
-
-class DigitsMLP(Classifier):
-    """A small digits classifier holding every piece of state a checkpoint could disturb: BatchNorm
-    statistics, Dropout randomness and a frozen parameter."""
-
-    def __init__(self, hidden: int = 16, lr: float = 0.1):
-        super().__init__(nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 10)), lr)
-        self.scale = nn.Parameter(torch.ones(64), requires_grad=False)
-
-    def forward(self, x):
-        return self.network(x * self.scale)
-
-
-def small_callback(**options):
-    defaults = dict(projection_dim=32, max_train_examples=120, max_query_examples=60, top_k=3, table_examples=4,
-                    surrogate_options={"max_epochs": 3})
-    return NTKAttributionCallback(**{**defaults, **options})
-
-
-def fit(root, callbacks=(), max_epochs=3, model=None, seed=0, **trainer_options):
-    L.seed_everything(seed, verbose=False)
-    model = model or DigitsMLP()
-    options = dict(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=root,
-                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=5)
-    trainer = L.Trainer(callbacks=list(callbacks), **{**options, **trainer_options})
-    trainer.fit(model, datamodule=DigitsDataModule())
-    return trainer, model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two that contend for a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def stored_checkpoint(root, epoch):
-    [folder] = (root / "ntk_store").glob(f"epoch={epoch:04d}-*")
-    return {path.stem: torch.as_tensor(np.load(path)) for path in folder.glob("*.npy")}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two contending ones
 
 
 def true_class_probabilities(logits, labels):
@@ -72,8 +32,8 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
     wandb_logger = WandbLogger(project="ntk-test", save_dir=str(wandb_dir))
     trainer, model = fit(tmp_path, [callback], logger=[wandb_logger, CSVLogger(tmp_path)])
     history = callback.history
-    assert [row["epoch"] for row in history] == [0, 1, 2]
-    assert [row["step"] for row in history] == [21, 42, 63]
+    assert [row.epoch for row in history] == [0, 1, 2]
+    assert [row.step for row in history] == [21, 42, 63]
 
     # The last row, recomputed independently from the data, the final model and the stored features.
     data = DigitsDataModule()
@@ -84,7 +44,7 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
     x_query, y_query = (t[stored["query_indices"]] for t in data.val_set.tensors)
     assert len(x_train) == 120 and len(x_query) == 60
     assert torch.equal(stored["reference_labels"], y_train) and torch.equal(stored["query_labels"], y_query)
-    features = ln.project_features(model, x_train, "trntk", projection_dim=32, seed=0)
+    features = ln.project_features(model, x_train, "proj_trntk", projection_dim=32, projector="sketch", seed=0)
     torch.testing.assert_close(stored["reference_features"], features, rtol=1e-4, atol=1e-6)
     model.eval()
     with torch.no_grad():
@@ -95,14 +55,14 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
     network_acc = (network_logits.argmax(1) == y_query).double().mean().item()
     surrogate_acc = (surrogate_logits.argmax(1) == y_query).double().mean().item()
     row = history[-1]
-    assert row["network_acc"] == pytest.approx(network_acc) and row["surrogate_acc"] == pytest.approx(surrogate_acc)
-    assert row["tad"] == pytest.approx(surrogate_acc - network_acc)
-    assert row["agreement"] == pytest.approx((network_logits.argmax(1) == surrogate_logits.argmax(1)).double().mean().item())
+    assert row.network_acc == pytest.approx(network_acc) and row.surrogate_acc == pytest.approx(surrogate_acc)
+    assert row.tad == pytest.approx(surrogate_acc - network_acc)
+    assert row.agreement == pytest.approx((network_logits.argmax(1) == surrogate_logits.argmax(1)).double().mean().item())
     p_net, p_sur = true_class_probabilities(network_logits, y_query), true_class_probabilities(surrogate_logits, y_query)
     keep = (p_net > 0) & (p_net < 1)
-    assert row["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(p_net[keep], p_sur[keep]).statistic, abs=1e-9)
-    assert row["kendall_tau"] > 0.1 and row["surrogate_acc"] > 0.5  # far above chance (0.1) even at K = 32
-    assert row["featurize_seconds"] > 0 and row["store_reused"] is False
+    assert row.kendall_tau == pytest.approx(scipy.stats.kendalltau(p_net[keep], p_sur[keep]).statistic, abs=1e-9)
+    assert row.kendall_tau > 0.1 and row.surrogate_acc > 0.5  # far above chance (0.1) even at K = 32
+    assert row.featurize_seconds > 0 and row.store_reused is False
 
     # The offline W&B run holds one row per checkpoint, on an epoch axis, with tables and plots.
     wandb_logger.experiment.finish()
@@ -111,7 +71,7 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
     for key in ("ntk/kendall_tau", "ntk/tad"):
         rows = run.rows(key)
         assert [r["epoch"] for r in rows] == [0, 1, 2]
-        assert [r[key] for r in rows] == pytest.approx([h[key.split("/")[1]] for h in history])
+        assert [r[key] for r in rows] == pytest.approx([getattr(h, key.split("/")[1]) for h in history])
     assert {"glob_name": "ntk/*", "step_metric": "epoch", "options": {"step_sync": True, "defined": True}} in run.metrics
     tables = run.rows("ntk/attributions")
     assert [r["epoch"] for r in tables] == [0, 1, 2]
@@ -138,12 +98,12 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
     [metrics_file] = (tmp_path / "lightning_logs").glob("version_*/metrics.csv")
     csv_rows = [r for r in csv.DictReader(metrics_file.open()) if r.get("ntk/kendall_tau")]
     assert [int(float(r["epoch"])) for r in csv_rows] == [0, 1, 2]
-    assert [float(r["ntk/kendall_tau"]) for r in csv_rows] == pytest.approx([h["kendall_tau"] for h in history])
+    assert [float(r["ntk/kendall_tau"]) for r in csv_rows] == pytest.approx([getattr(h, "kendall_tau") for h in history])
 
     # Attribution queries after training, also from inference-mode tensors, index the training dataset.
     x_batch, y_batch = data.val_set.tensors[0][:5], data.val_set.tensors[1][:5]
     result = callback.attribute((x_batch, y_batch), top_k=3)
-    rows = ln.kernel_from_features(ln.project_features(model, x_batch, "trntk", projection_dim=32, seed=0), stored["reference_features"])
+    rows = ln.kernel_from_features(ln.project_features(model, x_batch, "proj_trntk", projection_dim=32, projector="sketch", seed=0), stored["reference_features"])
     logits = callback.surrogate.predict(rows)
     contributions = callback.surrogate.weight.detach()[logits.argmax(1)] * rows
     expected = stored["reference_indices"][contributions.topk(3, dim=1).indices]
@@ -171,47 +131,47 @@ def test_resume_continues_the_history_and_a_rerun_reuses_the_store(tmp_path):
     first = small_callback(top_k=0)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     fit(tmp_path, [first, checkpoints], max_epochs=2, enable_checkpointing=True)
-    assert [row["epoch"] for row in first.history] == [0, 1]
+    assert [row.epoch for row in first.history] == [0, 1]
 
     resumed = small_callback(top_k=0)
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, callbacks=[resumed], default_root_dir=tmp_path,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3]
+    assert [row.epoch for row in resumed.history] == [0, 1, 2, 3]
     assert resumed.history[:2] == first.history
 
     # The same run again finds every checkpoint's features in the store and reuses them.
     again = small_callback(top_k=0)
     fit(tmp_path, [again], max_epochs=2)
-    assert [row["store_reused"] for row in again.history] == [True, True]
+    assert [row.store_reused for row in again.history] == [True, True]
     for new, old in zip(again.history, first.history):
-        assert new["featurize_seconds"] == 0
-        assert {k: new[k] for k in ("kendall_tau", "tad", "agreement", "parameters")} == {k: old[k] for k in ("kendall_tau", "tad", "agreement", "parameters")}
+        assert new.featurize_seconds == 0
+        assert {k: getattr(new, k) for k in ("kendall_tau", "tad", "agreement", "parameters")} == {k: getattr(old, k) for k in ("kendall_tau", "tad", "agreement", "parameters")}
     # Another request for the same checkpoints is refused, and can be allowed explicitly.
-    with pytest.raises(ln.StoreMismatchError, match=r"projection_dim: stored 32, requested 48.*overwrite_store=True"):
-        fit(tmp_path, [small_callback(top_k=0, projection_dim=48)], max_epochs=1)
-    overwritten = small_callback(top_k=0, projection_dim=48, overwrite_store=True)
+    with pytest.raises(ln.StoreMismatchError, match=r"projection_dim: stored 32, requested 48.*store=\{'overwrite': True\}"):
+        fit(tmp_path, [small_callback(top_k=0, projection={"dim": 48})], max_epochs=1)
+    overwritten = small_callback(top_k=0, projection={"dim": 48}, store={"overwrite": True})
     fit(tmp_path, [overwritten], max_epochs=1)
-    assert overwritten.history[0]["store_reused"] is False
+    assert overwritten.history[0].store_reused is False
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16-mixed", np.float32), ("64-true", np.float64)])
 def test_precision_settings(tmp_path, precision, dtype):
     callback = small_callback(top_k=0, every_n_epochs=None)
     fit(tmp_path, [callback], max_epochs=1, precision=precision)
-    assert [row["epoch"] for row in callback.history] == [0]
+    assert [row.epoch for row in callback.history] == [0]
     assert stored_checkpoint(tmp_path, 0)["reference_features"].numpy().dtype == dtype
-    assert math.isfinite(callback.history[0]["kendall_tau"])
+    assert math.isfinite(callback.history[0].kendall_tau)
 
 
 def test_streamed_surrogate_when_the_kernel_exceeds_the_memory_budget(tmp_path):
     in_memory = small_callback(top_k=0, every_n_epochs=None)
-    streamed = small_callback(top_k=0, every_n_epochs=None, memory_budget=120 * 120 * 4 - 1, store_dir=str(tmp_path / "streamed"))
+    streamed = small_callback(top_k=0, every_n_epochs=None, memory_budget=120 * 120 * 4 - 1, store={"dir": str(tmp_path / "streamed")}, name="streamed")
     fit(tmp_path, [in_memory, streamed], max_epochs=1)
     assert streamed.surrogate.train_features is not None and in_memory.surrogate.train_features is None
-    assert streamed.history[0]["surrogate_acc"] == pytest.approx(in_memory.history[0]["surrogate_acc"], abs=0.05)
-    assert streamed.history[0]["network_acc"] == in_memory.history[0]["network_acc"]
+    assert streamed.history[0].surrogate_acc == pytest.approx(in_memory.history[0].surrogate_acc, abs=0.05)
+    assert streamed.history[0].network_acc == in_memory.history[0].network_acc
 
 
 class BinaryDigitsMLP(DigitsMLP):
@@ -223,7 +183,7 @@ class BinaryDigitsMLP(DigitsMLP):
 
 
 def test_single_logit_binary_network(tmp_path, wandb_dir):
-    callback = small_callback(every_n_epochs=None, max_train_examples=60, max_query_examples=40)
+    callback = small_callback(every_n_epochs=None, subsets={"max_train_examples": 60, "max_query_examples": 40})
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=WandbLogger(project="ntk-test", save_dir=str(wandb_dir)),
                         callbacks=[callback], default_root_dir=tmp_path, enable_checkpointing=False,
@@ -236,14 +196,14 @@ def test_single_logit_binary_network(tmp_path, wandb_dir):
     p_net = torch.sigmoid(stored["query_logits"][:, 0].double())
     p_sur = torch.sigmoid(callback.surrogate.predict(ln.kernel_from_features(stored["query_features"], stored["reference_features"]))[:, 0].double())
     keep = (p_net > 0) & (p_net < 1)
-    assert row["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(p_net[keep], p_sur[keep]).statistic, abs=1e-9)
-    assert row["network_acc"] == pytest.approx(((p_net > 0.5).long() == stored["query_labels"]).double().mean().item())
+    assert row.kendall_tau == pytest.approx(scipy.stats.kendalltau(p_net[keep], p_sur[keep]).statistic, abs=1e-9)
+    assert row.network_acc == pytest.approx(((p_net > 0.5).long() == stored["query_labels"]).double().mean().item())
     # Proponents push towards the explained class: for class 0 that is a negative W[0, j]·κ(x, x_j).
     data = DigitsDataModule(classes=(0, 1))
     data.setup()
     x = data.val_set.tensors[0][:6]
     result = callback.attribute(x, top_k=3)  # model inputs work as well as batches
-    rows = ln.kernel_from_features(ln.project_features(model, x, "trntk", projection_dim=32, seed=0), stored["reference_features"])
+    rows = ln.kernel_from_features(ln.project_features(model, x, "proj_trntk", projection_dim=32, projector="sketch", seed=0), stored["reference_features"])
     sign = torch.where(result.target == 1, 1.0, -1.0)[:, None]
     contributions = sign * callback.surrogate.weight.detach()[0] * rows
     assert set(result.target.tolist()) == {0, 1}

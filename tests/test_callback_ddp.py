@@ -12,12 +12,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from test_callback import DigitsMLP, fit, one_thread, small_callback, stored_checkpoint  # noqa: F401 (one_thread is an autouse fixture)
+from conftest import DigitsMLP, fit, small_callback, stored_checkpoint
 
-from lightning_ntk.datasets import DigitsDataModule
+from lightning_ntk.demos import DigitsDataModule
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two contending ones
 
 # Odd subset sizes: the second rank's shards are padded to the first's length before all_gather.
-OPTIONS = dict(top_k=0, max_train_examples=121, max_query_examples=61)
+OPTIONS = dict(top_k=0, subsets={"max_train_examples": 121, "max_query_examples": 61})
 FIDELITY = ("kendall_tau", "tad", "agreement", "surrogate_acc", "network_acc", "miss_overlap_p")
 
 
@@ -29,7 +31,7 @@ def train_with_ddp(out: Path) -> None:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     model = DigitsMLP()
     trainer.fit(model, datamodule=DigitsDataModule())
-    torch.save({"history": callback.history, "state_dict": model.state_dict()}, out / f"rank{trainer.global_rank}.pt")
+    torch.save({"history": [row.to_dict() for row in callback.history], "state_dict": model.state_dict()}, out / f"rank{trainer.global_rank}.pt")
 
 
 def test_ddp_matches_a_single_process(tmp_path):
@@ -47,12 +49,12 @@ def test_ddp_matches_a_single_process(tmp_path):
     model = DigitsMLP(lr=0.0)
     model.load_state_dict(ranks[0]["state_dict"])
     model.network[1].momentum = 0.0
-    single = small_callback(**OPTIONS, store_dir=str(tmp_path / "single"))
+    single = small_callback(**OPTIONS, store={"dir": str(tmp_path / "single")})
     fit(tmp_path, [single], max_epochs=1, model=model)
     for (name, a), b in zip(ranks[0]["state_dict"].items(), model.state_dict().values()):
         assert torch.equal(a, b) or name.endswith("num_batches_tracked")  # it saw exactly the DDP-trained weights
-    assert single.history[0]["parameters"] == history[-1]["parameters"]
-    assert {k: single.history[0][k] for k in FIDELITY} == pytest.approx({k: history[-1][k] for k in FIDELITY}, abs=1e-6)
+    assert single.history[0].parameters == history[-1]["parameters"]
+    assert {k: getattr(single.history[0], k) for k in FIDELITY} == pytest.approx({k: history[-1][k] for k in FIDELITY}, abs=1e-6)
     ddp_features = stored_checkpoint(tmp_path, 1)
     [folder] = (tmp_path / "single").glob("epoch=0000-*")
     single_features = {name: torch.as_tensor(__import__("numpy").load(folder / f"{name}.npy")) for name in ddp_features}

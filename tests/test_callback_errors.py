@@ -8,11 +8,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from test_callback import DigitsMLP, fit, one_thread, small_callback  # noqa: F401 (one_thread is an autouse fixture)
+from conftest import DigitsMLP, fit, small_callback
 from torch.utils.data import Dataset
 
 from lightning_ntk import NTKAttributionCallback, StoreError
-from lightning_ntk.datasets import load_digits_tensors
+from lightning_ntk.demos import load_digits_tensors
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two contending ones
 
 
 class FlatOutput(DigitsMLP):
@@ -42,7 +44,7 @@ class Sentences(Dataset):
 
 
 def test_batches_the_callback_cannot_read(tmp_path):
-    with pytest.raises(TypeError, match=r"cannot read the reference set's batches \(dict\).*task=Task\(inputs="):
+    with pytest.raises(TypeError, match=r"Cannot read the reference set's batches \(dict\).*task=Task\(inputs="):
         fit(tmp_path, [small_callback(train_data=Sentences())])
 
 
@@ -61,14 +63,14 @@ def test_query_labels_outside_the_classes(tmp_path):
 def test_unwritable_store(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(StoreError, match=r"is not writable.*store_dir="):
-        fit(tmp_path, [small_callback(store_dir=str(tmp_path / "a_file" / "store"))])
+        fit(tmp_path, [small_callback(store={"dir": str(tmp_path / "a_file" / "store")})])
 
 
 def test_bad_options():
     with pytest.raises(ValueError, match="Unknown kernel 'rbf'"):
         NTKAttributionCallback(kernel="rbf")
     with pytest.raises(ValueError, match="projection_dim must be a positive integer"):
-        NTKAttributionCallback(projection_dim=0)
+        NTKAttributionCallback(projection={"dim": 0})
     with pytest.raises(ValueError, match="every_n_epochs must be a positive integer or None"):
         NTKAttributionCallback(every_n_epochs=0)
 
@@ -93,8 +95,8 @@ def test_full_disk_keeps_what_was_logged(tmp_path):
             fit(tmp_path, [callback, disk], logger=CSVLogger(tmp_path))
     finally:
         disk.restore()
-    assert [row["epoch"] for row in callback.history] == [0]
+    assert [row.epoch for row in callback.history] == [0]
     [metrics_file] = (tmp_path / "lightning_logs").glob("version_*/metrics.csv")
     logged = [row for row in csv.DictReader(metrics_file.open()) if row.get("ntk/kendall_tau")]
-    assert [float(row["ntk/kendall_tau"]) for row in logged] == [pytest.approx(callback.history[0]["kendall_tau"])]
+    assert [float(row["ntk/kendall_tau"]) for row in logged] == [pytest.approx(callback.history[0].kendall_tau)]
     assert not [p for p in (tmp_path / "ntk_store").iterdir() if p.name.startswith(".")]  # no half-written entry left

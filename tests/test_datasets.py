@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_ntk.datasets import load_torchvision_pair
+from lightning_ntk.demos import load_torchvision_pair
 
 
 def write_idx(path, array, gz=False):

@@ -11,14 +11,14 @@ from test_datasets import write_fake_mnist
 from wandb_offline import find_runs, read_run
 
 import lightning_ntk as ln
-from lightning_ntk import study
+from lightning_ntk.studies import paper as study
 
 
 def test_residual_falls_as_k_grows():
     model = mlp(d_in=6, hidden=16, classes=3).double()
     g = torch.Generator().manual_seed(0)
     x_train, x_test = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.randn(10, 6, generator=g, dtype=torch.float64)
-    kernels = [study.KernelChoice("trNTK", "trntk")] + [study.KernelChoice(f"K={k}", "trntk", k, "gaussian") for k in (4096, 64, 512)]
+    kernels = [study.KernelChoice("trNTK", "trntk")] + [study.KernelChoice(f"K={k}", "proj_trntk", k, "gaussian") for k in (4096, 64, 512)]
     pairs = study.kernel_pairs(model, x_train, x_test, kernels, seed=0)
     residuals = study.kernel_residuals(pairs, kernels)
     assert list(residuals) == ["K=64", "K=512", "K=4096"]
@@ -45,7 +45,7 @@ def test_small_study_writes_table_plots_and_results(tmp_path, capsys, wandb_dir)
     """Digits and MNIST-format data run; CIFAR-10, absent, is skipped with the reason; the per-seed
     table and the plots reach W&B."""
     write_fake_mnist(tmp_path / "data")
-    kernels = (study.KernelChoice("trNTK", "trntk"), study.KernelChoice("proj-trNTK K=64", "trntk", 64), study.KernelChoice("ck", "ck"))
+    kernels = (study.KernelChoice("trNTK", "trntk"), study.KernelChoice("proj-trNTK K=64", "proj_trntk", 64), study.KernelChoice("ck", "ck"))
     report = study.run_study(
         ["digits01_mlp", "mnist01_mlp", "cifar2_cnn"], seeds=2, kernels=kernels, out_dir=tmp_path / "out", epochs=1, data_dir=tmp_path / "data",
         wandb_project="ntk-study-test",

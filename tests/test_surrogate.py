@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 import lightning_ntk as ln
-from lightning_ntk.datasets import load_digits_tensors
+from lightning_ntk.demos import load_digits_tensors
 from lightning_ntk.metrics import SurrogateFidelity
 from lightning_ntk.surrogate import KernelSurrogate, fit_from_features, fit_from_kernel
 

@@ -4,7 +4,7 @@ For each setup and training seed: train the network (fidelity tracked across epo
 :class:`~lightning_ntk.callback.NTKAttributionCallback`), then for every kernel fit the kernel-machine
 surrogate on the training set and measure its fidelity on the test set. The report is a Markdown
 table (mean ± standard error over seeds) with plots, written to a folder and, when a W&B run is
-active, to W&B. Run it with ``python -m lightning_ntk.study --help``.
+active, to W&B. Run it with ``python -m lightning_ntk.studies.paper --help``.
 """
 
 from __future__ import annotations
@@ -24,23 +24,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .callback import NTKAttributionCallback
-from .dashboards import wandb_mode
-from .datasets import load_digits_tensors, load_torchvision_pair
-from .featurize import project_features
-from .kernels import exact_kernel, kernel_from_features
-from .metrics import SurrogateFidelity, predictions
-from .surrogate import fit_from_kernel
+from ..callback import NTKAttributionCallback
+from ..dashboards import wandb_mode
+from ..demos import Classifier, binary_cnn, binary_mlp, digits_cnn, load_digits_tensors, load_torchvision_pair
+from ..featurize import project_features
+from ..kernels import exact_kernel, kernel_from_features
+from ..metrics import SurrogateFidelity
+from ..registry import get_kernel
+from ..surrogate import fit_from_kernel
 
 FIDELITY_COLUMNS = ("kendall_tau", "tad", "agreement", "miss_overlap", "surrogate_acc", "network_acc")
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """One surrogate kernel of the study: a kind and, for projected kernels, its dimension K."""
+    """One surrogate kernel of the study: a registered kernel name and, for projected kernels, the
+    projection's dimension K and projector."""
 
     label: str
-    kind: str
+    kernel: str
     projection_dim: int | None = None
     projector: str = "sketch"
 
@@ -49,70 +51,14 @@ DEFAULT_KERNELS = (
     KernelChoice("trNTK", "trntk"),
     KernelChoice("trNTK0", "trntk0"),
     KernelChoice("pNTK", "pntk"),
-    KernelChoice("proj-trNTK K=128", "trntk", 128),
-    KernelChoice("proj-trNTK K=512", "trntk", 512),
-    KernelChoice("proj-trNTK K=512 dense", "trntk", 512, "rademacher"),
-    KernelChoice("proj-trNTK K=2048", "trntk", 2048),
-    KernelChoice("proj-pNTK K=512", "pntk", 512),
+    KernelChoice("proj-trNTK K=128", "proj_trntk", 128),
+    KernelChoice("proj-trNTK K=512", "proj_trntk", 512),
+    KernelChoice("proj-trNTK K=512 dense", "proj_trntk", 512, "rademacher"),
+    KernelChoice("proj-trNTK K=2048", "proj_trntk", 2048),
+    KernelChoice("proj-pNTK K=512", "proj_pntk", 512),
     KernelChoice("em", "em"),
     KernelChoice("ck", "ck"),
 )
-
-
-class Classifier(L.LightningModule):
-    """A network trained with cross-entropy (or BCE for a single logit), by SGD with momentum or Adam."""
-
-    def __init__(self, network: nn.Module, lr: float = 0.05, optimizer: str = "sgd"):
-        super().__init__()
-        self.network = network
-        self.lr = lr
-        self.optimizer = optimizer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
-
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if logits.shape[1] == 1:
-            return F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
-        return F.cross_entropy(logits, y)
-
-    def training_step(self, batch, batch_idx):
-        loss = self.loss(self(batch[0]), batch[1])
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_acc", (predictions(self(batch[0])) == batch[1]).float().mean(), prog_bar=True)
-
-    def configure_optimizers(self):
-        if self.optimizer == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-
-
-def binary_mlp(in_features: int) -> nn.Module:
-    """The paper's MNIST "0 vs 1" network: an MLP with two hidden layers of 100 and a single logit."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 1))
-
-
-def binary_cnn(in_channels: int, image_size: int) -> nn.Module:
-    """A single-logit CNN for the binary image setups: three conv/pool stages and two linear layers."""
-    side = image_size // 8
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * side * side, 64), nn.ReLU(), nn.Linear(64, 1),
-    )
-
-
-def digits_cnn() -> nn.Module:
-    """A small CNN for the 10-class 8×8 digits."""
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10),
-    )
 
 
 Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -173,11 +119,12 @@ def kernel_pairs(
     kernels use the study seed for their projection."""
     pairs = {}
     for choice in kernels:
-        if choice.projection_dim is None:
-            pairs[choice.label] = (exact_kernel(network, x_train, kind=choice.kind), exact_kernel(network, x_test, x_train, kind=choice.kind))
+        kernel = get_kernel(choice.kernel)
+        if not kernel.projected:
+            pairs[choice.label] = (exact_kernel(network, x_train, kind=kernel.name), exact_kernel(network, x_test, x_train, kind=kernel.name))
         else:
-            train, test = (project_features(network, x, choice.kind, choice.projection_dim, choice.projector, seed) for x in (x_train, x_test))
-            pairs[choice.label] = (kernel_from_features(train), kernel_from_features(test, train))
+            train, test = (project_features(network, x, kernel.name, choice.projection_dim, choice.projector, seed) for x in (x_train, x_test))
+            pairs[choice.label] = (kernel_from_features(train, normalize=kernel.normalized), kernel_from_features(test, train, normalize=kernel.normalized))
     return pairs
 
 
@@ -196,7 +143,7 @@ def kernel_residuals(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], kernel
     if "trNTK" not in pairs:
         return {}
     exact = pairs["trNTK"][1]
-    projected = sorted((c for c in kernels if c.kind == "trntk" and c.projection_dim is not None), key=lambda c: c.projection_dim)
+    projected = sorted((c for c in kernels if c.kernel == "proj_trntk"), key=lambda c: c.projection_dim)
     return {c.label: (pairs[c.label][1] - exact).abs().flatten().numpy() for c in projected}
 
 
@@ -264,7 +211,7 @@ def run_seed(setup_key: str, seed: int, kernels: Sequence[KernelChoice], track_e
     data = setup.load(seed, Path(data_dir))
     x_train, y_train, x_test, y_test = data
     tracker = (
-        NTKAttributionCallback(kernel="proj_trntk", projection_dim=512, projector="sketch", every_n_epochs=1, top_k=0) if track_epochs else None
+        NTKAttributionCallback(kernel="proj_trntk", projection={"dim": 512, "projector": "sketch"}, every_n_epochs=1, top_k=0) if track_epochs else None
     )
     model = train_network(setup, seed, data, [tracker] if tracker else [], Path(out_dir) / "runs" / f"{setup_key}_seed{seed}")
     network = model.network
@@ -277,7 +224,7 @@ def run_seed(setup_key: str, seed: int, kernels: Sequence[KernelChoice], track_e
         t0 = time.perf_counter()
         fidelity = surrogate_fidelity(k_train, k_test, y_train, y_test, network_logits, **fit_options)
         rows.append({"setup": setup_key, "seed": seed, "kernel": choice.label, **fidelity, "fit_seconds": time.perf_counter() - t0})
-    history = [dict(h, setup=setup_key, seed=seed) for h in tracker.history] if tracker else []
+    history = [dict(h.to_dict(), setup=setup_key, seed=seed) for h in tracker.history] if tracker else []
     residuals = kernel_residuals(pairs, kernels)
     print(f"  {setup_key} seed {seed}: {len(kernels)} kernels in {time.perf_counter() - started:.1f} s")
     return rows, residuals, history

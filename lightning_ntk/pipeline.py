@@ -1,0 +1,437 @@
+"""The fidelity pipeline, without Lightning: featurize → store → fit → score → attribute.
+
+:class:`FidelityPipeline` holds a network and the kernel to explain it with; each stage is a named
+method that returns values, so the pipeline runs from plain PyTorch::
+
+    pipeline = FidelityPipeline(model, "proj_trntk")
+    checkpoint = pipeline.run((x_train, y_train), (x_test, y_test))
+    checkpoint.record.kendall_tau, pipeline.attribute(checkpoint, x_test[:4])
+
+:class:`~lightning_ntk.callback.NTKAttributionCallback` drives the same methods on a schedule, adding
+only what a training run needs (sharding over ranks, logging).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data.dataloader import default_collate
+
+from . import __version__
+from .attribution import Attribution, attribute
+from .config import ProjectionConfig, SurrogateConfig
+from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, stream_features
+from .jacobian import check_logits, eval_mode, parameter_fingerprint, select_parameters
+from .kernels import as_tensor, kernel_from_features
+from .metrics import SurrogateFidelity, fidelity_scores
+from .projection import DEFAULT_MEMORY_BUDGET
+from .registry import Kernel, get_kernel
+from .store import FeatureStore
+from .surrogate import KernelSurrogate, fit_from_features, fit_from_kernel
+from .task import Task, batch_size_of, differentiable
+
+
+@dataclass
+class ExampleSet:
+    """A fixed, seeded subset of a map-style dataset: one side (reference or query) of the kernel.
+
+    The examples are read once, by :meth:`scan`, and kept: random augmentations of the dataset are
+    drawn once, so every checkpoint featurizes exactly the same inputs. ``indices`` are positions in
+    ``dataset``; ``labels`` and ``fingerprint`` (a hash of the inputs and labels) come from the scan.
+    """
+
+    name: str
+    dataset: Dataset
+    indices: torch.Tensor
+    collate_fn: Callable = default_collate
+    labels: torch.Tensor | None = None
+    fingerprint: str | None = None
+    examples: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def loader(self, positions: torch.Tensor | None = None, batch_size: int = 128) -> DataLoader:
+        """The kept examples (or those at ``positions`` of the subset) in order, in batches."""
+        examples = self._examples()
+        chosen = examples if positions is None else [examples[int(p)] for p in positions]
+        return DataLoader(chosen, batch_size=batch_size, shuffle=False, collate_fn=self.collate_fn)
+
+    def inputs(self, positions: torch.Tensor, task: Task) -> Any:
+        """The model inputs of the examples at ``positions`` of the subset, as one batch."""
+        examples = self._examples()
+        return task.get_inputs(self.collate_fn([examples[int(p)] for p in positions.flatten()]))
+
+    def describe(self) -> dict:
+        return {"size": len(self), "fingerprint": self.fingerprint}
+
+    def _examples(self) -> list:
+        if self.examples is None:
+            raise RuntimeError(f"The {self.name} set has not been read yet: call scan(task) first.")
+        return self.examples
+
+    def scan(self, task: Task, batch_size: int = 128) -> None:
+        """Read the subset once: keep its examples, collect its labels and hash its contents; refuse
+        batches the task cannot read with one error that names the fix."""
+        self.examples = [self.dataset[int(i)] for i in self.indices]
+        digest, labels = hashlib.sha256(), []
+        for batch in self.loader(batch_size=batch_size):
+            try:
+                inputs, y = task.get_inputs(batch), task.get_labels(batch)
+                leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+                if not leaves:
+                    raise TypeError(f"the model inputs hold no tensor (got {type(inputs).__name__})")
+            except (TypeError, KeyError, IndexError, ValueError) as err:
+                raise TypeError(
+                    f"Cannot read the {self.name} set's batches ({type(batch).__name__}): {err}. Batches must be a tensor, "
+                    "an (inputs, labels) tuple or a dict of tensors; for anything else pass "
+                    "task=Task(inputs=lambda batch: ..., labels=lambda batch: ...)."
+                ) from err
+            y = _class_indices(y, self.name)
+            for t in leaves + [y]:
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+            labels.append(y)
+        self.labels, self.fingerprint = torch.cat(labels), digest.hexdigest()[:16]
+
+
+def _class_indices(labels: Any, name: str) -> torch.Tensor:
+    """A batch's labels as a ``[B]`` long tensor of class indices, or an error that says how to get one."""
+    if labels is None:
+        raise ValueError(
+            f"The {name} set's batches carry no labels, but the surrogate is fitted on labels and scored against "
+            "them: yield (inputs, labels) batches or pass task=Task(labels=...)."
+        )
+    try:
+        y = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"The {name} set's labels must be class indices (integers), got {type(labels).__name__} "
+            f"({str(labels)[:60]}): map them to integers in the dataset, or pass task=Task(labels=...)."
+        ) from err
+    if y.ndim > 1 and y.shape[1:].numel() == 1:
+        y = y.reshape(-1)
+    if y.ndim != 1 or y.dtype == torch.bool or y.is_complex() or (y.is_floating_point() and not torch.equal(y, y.round())):
+        raise ValueError(
+            f"The {name} set's labels must be class indices, one per example; got a {y.dtype} tensor of shape "
+            f"{tuple(y.shape)}. Convert one-hot or soft labels to class indices with task=Task(labels=...)."
+        )
+    return y.long()
+
+
+def example_set(name: str, source: Any, limit: int | None = None, seed: int = 0) -> ExampleSet:
+    """A seeded subset of at most ``limit`` examples of ``source``: a map-style Dataset, a DataLoader
+    (its dataset and collate function) or a tuple of tensors ``(inputs, labels)``."""
+    if isinstance(source, DataLoader):
+        dataset, collate_fn = source.dataset, source.collate_fn
+    elif isinstance(source, (tuple, list)) and source and all(isinstance(t, torch.Tensor) for t in source):
+        dataset, collate_fn = TensorDataset(*source), default_collate
+    else:
+        dataset, collate_fn = source, default_collate
+    if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise TypeError(
+            f"The {name} set must be a map-style dataset (with __len__ and __getitem__), a DataLoader over one or "
+            f"(inputs, labels) tensors, so that the same seeded subset is used at every checkpoint; got {type(dataset).__name__}."
+        )
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"The {name} set is empty; pass a non-empty dataset.")
+    if limit is None or limit >= n:
+        indices = torch.arange(n)
+    else:
+        indices = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return ExampleSet(name, dataset, indices, collate_fn)
+
+
+ARRAYS = ("reference_features", "reference_labels", "reference_indices", "query_features", "query_labels", "query_indices", "query_logits")
+
+
+@dataclass
+class CheckpointFeatures:
+    """What one checkpoint featurizes, and the feature store keeps: both sides' features, labels and
+    dataset indices, and the network's logits on the query set."""
+
+    reference_features: Any
+    reference_labels: torch.Tensor
+    reference_indices: torch.Tensor
+    query_features: Any
+    query_labels: torch.Tensor
+    query_indices: torch.Tensor
+    query_logits: torch.Tensor
+
+    def arrays(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Any]) -> "CheckpointFeatures":
+        """From stored arrays; features stay as they are (memory maps are read block by block)."""
+        features = ("reference_features", "query_features")
+        return cls(**{name: arrays[name] if name in features else as_tensor(arrays[name]) for name in ARRAYS})
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """The figures of one fidelity checkpoint (see :class:`~lightning_ntk.metrics.SurrogateFidelity`)
+    and where its time went."""
+
+    epoch: int | None
+    step: int | None
+    kendall_tau: float
+    tad: float
+    agreement: float
+    surrogate_acc: float
+    network_acc: float
+    miss_overlap: float
+    miss_overlap_p: float
+    num_train: int
+    num_query: int
+    featurize_seconds: float
+    fit_seconds: float
+    score_seconds: float
+    fit_iterations: int
+    surrogate_converged: bool
+    store_reused: bool
+    parameters: str
+    warning: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def scalars(self) -> dict[str, float]:
+        """The numeric figures (booleans as 0/1), for loggers."""
+        return {k: float(v) for k, v in self.to_dict().items() if k not in ("epoch", "step") and isinstance(v, (int, float))}
+
+
+@dataclass
+class Checkpoint:
+    """One evaluated checkpoint: its record, the fitted surrogate, the features it was fitted on, and
+    the query kernel rows and surrogate logits it was scored with."""
+
+    record: CheckpointRecord
+    surrogate: KernelSurrogate
+    features: CheckpointFeatures
+    spec: FeatureSpec
+    query_rows: torch.Tensor
+    surrogate_logits: torch.Tensor
+
+
+class FidelityPipeline:
+    """A network, a registered kernel and the options of each stage.
+
+    Args:
+        model: the network; it must return ``[B, C]`` logits (see ``task`` for other batch layouts).
+        kernel: a name of :mod:`lightning_ntk.registry` with a scalar kernel: ``proj_trntk`` (default),
+            ``proj_trntk0``, ``proj_pntk``, the exact ``trntk``/``trntk0``/``pntk`` (small models:
+            ``[N, C, P]`` gradients are held), ``em`` or ``ck``.
+        projection, surrogate: :class:`ProjectionConfig`, :class:`SurrogateConfig` (or dicts of them).
+        params: the parameters whose gradients define the kernel (default: all trainable ones).
+        layers: the layers of the ``em`` kernel.
+        storage_dtype: precision of the kept features (default: float64 for a float64 model, else float32).
+        batch_size, memory_budget: examples per featurized batch, and the bytes the stages may hold.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kernel: str = "proj_trntk",
+        projection: ProjectionConfig | dict | None = None,
+        surrogate: SurrogateConfig | dict | None = None,
+        *,
+        params: Any = None,
+        layers: Sequence[str] | None = None,
+        task: Task | None = None,
+        storage_dtype: torch.dtype | None = None,
+        batch_size: int = 128,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ):
+        self.kernel: Kernel = get_kernel(kernel)
+        if not self.kernel.scalar:
+            raise ValueError(f"The {self.kernel.name} is a C×C block per pair, not a kernel a surrogate can use; choose trntk or pntk.")
+        self.model = model
+        self.projection = ProjectionConfig.of(projection)
+        self.surrogate = SurrogateConfig.of(surrogate)
+        self.params, self.layers, self.task = params, layers, task or Task()
+        self.batch_size, self.memory_budget = batch_size, memory_budget
+        self.featurizer = None
+        if self.kernel.projected:
+            p = self.projection
+            self.featurizer = Featurizer(model, self.kernel.name, p.dim, p.projector, p.seed, params, self.task, memory_budget)
+        param = next(model.parameters(), None)
+        self.storage_dtype = storage_dtype or (torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32)
+
+    # -- featurize ---------------------------------------------------------------------------------
+    def spec(self) -> FeatureSpec:
+        """What features computed now describe: the kernel, the projection and the network's state."""
+        if self.featurizer is not None:
+            return self.featurizer.spec()
+        selected = select_parameters(self.model, None if not self.kernel.from_gradients else self.params)
+        return FeatureSpec(self.kernel.family, None, None, None, sum(p.numel() for p in selected.values()), parameter_fingerprint(selected))
+
+    def features(self, data: Any, progress: bool | str = False) -> torch.Tensor:
+        """Kernel features of ``data`` (model inputs, or an iterable of batches), on the CPU in the
+        storage precision: the kernel is their (normalised) inner product."""
+        if self.featurizer is not None:
+            out = self.featurizer(data, batch_size=self.batch_size, progress=progress)
+        elif self.kernel.from_gradients:
+            out = gradient_features(self.model, data, self.kernel.name, params=self.params, task=self.task, batch_size=self.batch_size)
+        else:
+            out = embedding_features(self.model, data, self.kernel.name, self.layers, task=self.task, batch_size=self.batch_size)
+        return out.to(self.storage_dtype)
+
+    def logits(self, data: Any) -> torch.Tensor:
+        """The network's logits on ``data`` in eval mode, refused unless ``[B, C]``."""
+
+        def forward(inputs):
+            return check_logits(self.task.forward(self.model, inputs), batch_size_of(inputs))
+
+        with torch.no_grad(), eval_mode(self.model):
+            return stream_features(self.model, data, forward, self.task, self.batch_size)
+
+    def check(self, reference: ExampleSet, query: ExampleSet) -> int:
+        """The number of logits, after checking the model's output on two examples and that both sets'
+        labels are among its classes."""
+        logits = self.logits(reference.inputs(torch.arange(min(2, len(reference))), self.task))
+        classes = max(2, logits.shape[1])
+        for examples in (reference, query):
+            low, high = int(examples.labels.min()), int(examples.labels.max())
+            if low < 0 or high >= classes:
+                raise ValueError(
+                    f"The {examples.name} set holds labels {low}..{high}, outside the {classes} classes of the model's "
+                    f"{logits.shape[1]} logit(s). Use a {examples.name} set with the training classes, or check the model's output size."
+                )
+        return logits.shape[1]
+
+    def featurize(self, reference: ExampleSet, query: ExampleSet) -> CheckpointFeatures:
+        """Both sides' features and the network's query logits, in one process."""
+        return CheckpointFeatures(
+            self.features(reference.loader(batch_size=self.batch_size)), reference.labels, reference.indices,
+            self.features(query.loader(batch_size=self.batch_size)), query.labels, query.indices,
+            self.logits(query.loader(batch_size=self.batch_size)).float(),
+        )
+
+    # -- store -------------------------------------------------------------------------------------
+    def request(self, spec: FeatureSpec, reference: ExampleSet, query: ExampleSet) -> dict[str, Any]:
+        """What a checkpoint's stored features answer; a stored entry is reused only for an equal one."""
+        return {
+            **spec.to_dict(),
+            "kernel": self.kernel.name,
+            "params": self.params if isinstance(self.params, (str, list, tuple, type(None))) else repr(self.params),
+            "layers": list(self.layers) if self.layers is not None else None,
+            "dtype": str(self.storage_dtype).removeprefix("torch."),
+            "reference": reference.describe(),
+            "query": query.describe(),
+            "library_version": __version__,
+        }
+
+    # -- fit, score --------------------------------------------------------------------------------
+    def fit(self, features: CheckpointFeatures, num_outputs: int, init: KernelSurrogate | None = None) -> KernelSurrogate:
+        """The surrogate fitted on the reference features: on the ``N×N`` kernel when it fits the
+        memory budget, else streamed from the features. ``init``: a previous solution to start from."""
+        reference, labels = features.reference_features, features.reference_labels
+        options = dict(num_outputs=num_outputs, alpha=self.surrogate.alpha, formulation=self.surrogate.formulation,
+                       max_iter=self.surrogate.max_iter, tolerance=self.surrogate.tolerance)
+        if init is not None and self.surrogate.warm_start:
+            options["init"] = init
+        if len(reference) ** 2 * 4 <= self.memory_budget:
+            return fit_from_kernel(kernel_from_features(reference, normalize=self.kernel.normalized), labels, **options)
+        return fit_from_features(reference, labels, normalize=self.kernel.normalized, spec=self.spec(), **options)
+
+    def score(self, surrogate: KernelSurrogate, features: CheckpointFeatures) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        """Fidelity of the surrogate on the query set: the figures, the query kernel rows and the
+        surrogate's logits."""
+        rows = kernel_from_features(features.query_features, features.reference_features, normalize=self.kernel.normalized)
+        surrogate_logits = surrogate.predict(rows)
+        metric = SurrogateFidelity(sync_on_compute=False)  # one process holds the whole query set
+        metric.update(features.query_logits, surrogate_logits, features.query_labels)
+        return {key: float(value) for key, value in metric.compute().items()}, rows, surrogate_logits
+
+    def evaluate(
+        self,
+        features: CheckpointFeatures,
+        spec: FeatureSpec,
+        init: Checkpoint | None = None,
+        *,
+        epoch: int | None = None,
+        step: int | None = None,
+        featurize_seconds: float = 0.0,
+        store_reused: bool = False,
+    ) -> Checkpoint:
+        """Fit and score: the checkpoint with its record. ``init``: the previous checkpoint, whose
+        surrogate starts the fit when it has the same shape."""
+        started = time.perf_counter()
+        num_outputs = int(features.query_logits.shape[1])
+        previous = init.surrogate if init is not None and init.surrogate.weight.shape == (num_outputs, len(features.reference_labels)) else None
+        surrogate = self.fit(features, num_outputs, previous)
+        fitted = time.perf_counter()
+        fidelity, rows, surrogate_logits = self.score(surrogate, features)
+        record = CheckpointRecord(
+            epoch=epoch, step=step, **fidelity, num_train=len(features.reference_labels), num_query=len(features.query_labels),
+            featurize_seconds=featurize_seconds, fit_seconds=fitted - started, score_seconds=time.perf_counter() - fitted,
+            fit_iterations=int(surrogate.fit_record.get("iterations", len(surrogate.history))), surrogate_converged=bool(surrogate.converged),
+            store_reused=store_reused, parameters=spec.parameters,
+        )
+        return Checkpoint(record, surrogate, features, spec, rows, surrogate_logits)
+
+    def fidelity_scores(self, checkpoint: Checkpoint) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paired (network, surrogate) probabilities that Kendall-τ ranks."""
+        f = checkpoint.features
+        return fidelity_scores(f.query_logits, checkpoint.surrogate_logits, f.query_labels)
+
+    # -- all stages --------------------------------------------------------------------------------
+    def run(
+        self,
+        reference: Any,
+        query: Any,
+        *,
+        max_train_examples: int | None = None,
+        max_query_examples: int | None = None,
+        seed: int = 0,
+        store: FeatureStore | None = None,
+        name: str = "checkpoint",
+        overwrite: bool = False,
+        init: Checkpoint | None = None,
+    ) -> Checkpoint:
+        """Featurize ``reference`` and ``query`` (Datasets, DataLoaders or ``(inputs, labels)``
+        tensors, subsampled with ``seed``), keep the features in ``store`` as entry ``name`` (reused
+        when it holds the same request), fit the surrogate and score it."""
+        reference_set, query_set = example_set("reference", reference, max_train_examples, seed), example_set("query", query, max_query_examples, seed)
+        for examples in (reference_set, query_set):
+            examples.scan(self.task, self.batch_size)
+        self.check(reference_set, query_set)
+        with torch.inference_mode(False), torch.enable_grad():
+            spec = self.spec()
+            request = self.request(spec, reference_set, query_set)
+            stored = None if store is None or overwrite else store.load(name, request)
+            started = time.perf_counter()
+            features = CheckpointFeatures.from_arrays(stored) if stored is not None else self.featurize(reference_set, query_set)
+            seconds = 0.0 if stored is not None else time.perf_counter() - started
+            if store is not None and stored is None:
+                features = CheckpointFeatures.from_arrays(store.save(name, request, features.arrays(), overwrite=overwrite))
+            checkpoint = self.evaluate(features, spec, init, featurize_seconds=seconds, store_reused=stored is not None)
+        return checkpoint
+
+    # -- attribute ---------------------------------------------------------------------------------
+    def attribute(self, checkpoint: Checkpoint, inputs: Any, top_k: int = 5, target: Any = None) -> Attribution:
+        """Explain the network's predictions on model ``inputs`` with the checkpoint's surrogate:
+        proponents, opponents and most similar examples, as positions in the reference dataset. The
+        network must still hold the weights the checkpoint was computed with."""
+        with torch.inference_mode(False), torch.enable_grad():
+            spec = self.spec()
+            if spec != checkpoint.spec:
+                raise ValueError(
+                    "The model changed since the surrogate was fitted: attribution needs the weights the features were "
+                    "computed with. Attribute right after the checkpoint (e.g. after trainer.fit with at_fit_end=True)."
+                )
+            features = self.features(differentiable(inputs))
+        rows = kernel_from_features(features, checkpoint.features.reference_features, normalize=self.kernel.normalized)
+        result = attribute(checkpoint.surrogate, query_kernel=rows, top_k=top_k, target=target)
+        indices = checkpoint.features.reference_indices
+        return dataclasses.replace(result, **{f"{kind}_indices": indices[getattr(result, f"{kind}_indices")] for kind in ("proponent", "opponent", "similar")})
+
