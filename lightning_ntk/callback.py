@@ -26,10 +26,10 @@ from . import dashboards
 from .attribution import Attribution, attribute
 from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig
 from .metrics import predictions
-from .pipeline import Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, example_set
+from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, example_set
 from .projection import DEFAULT_MEMORY_BUDGET
 from .registry import get_kernel
-from .store import FeatureStore, StoreMismatchError
+from .store import FeatureStore, StoreError, StoreMismatchError
 from .surrogate import KernelSurrogate
 from .task import Task
 
@@ -174,7 +174,8 @@ class NTKAttributionCallback(L.Callback):
         model = self._logits_module(pl_module)
         self._store = FeatureStore(self.store_config.dir or os.path.join(trainer.default_root_dir, "ntk_store"))
         if trainer.is_global_zero:
-            self._store.check_writable()
+            with _store_options_named():
+                self._store.check_writable()
         with preserved_training_state(pl_module):
             self._reference = example_set(
                 "reference", self.train_data if self.train_data is not None else _trainer_source("reference", trainer.train_dataloader),
@@ -258,10 +259,8 @@ class NTKAttributionCallback(L.Callback):
     def _load(self, name: str, request: dict[str, Any]) -> dict[str, Any] | None:
         if self.store_config.overwrite:
             return None
-        try:
-            return self._store.load(name, request)
-        except StoreMismatchError as err:
-            raise StoreMismatchError(f"{err} To replace it, pass store={{'overwrite': True}} (StoreConfig(overwrite=True)).") from err
+        with _store_options_named():
+            return self._store.load(name, request, required=ARRAYS)
 
     def _checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         pipeline = self.pipeline
@@ -281,7 +280,10 @@ class NTKAttributionCallback(L.Callback):
                     logits = pipeline.logits(self._query.loader(batch_size=self.subsets.batch_size)).float()
                     features = CheckpointFeatures(reference, self._reference.labels, self._reference.indices, query, self._query.labels, self._query.indices, logits)
                     info = {"epoch": epoch, "step": trainer.global_step}
-                    stored.update(self._store.save(name, request, features.arrays(), info, overwrite=self.store_config.overwrite))
+                    with _store_options_named():
+                        stored.update(self._store.save(name, request, features.arrays(), info, overwrite=self.store_config.overwrite))
+                        if self.store_config.keep_last is not None:
+                            self._store.retain(self.store_config.keep_last, prefix="epoch=")
 
                 _on_rank_zero(trainer, save)
             media: list[Any] = []
@@ -319,6 +321,21 @@ class NTKAttributionCallback(L.Callback):
         return dashboards.attribution_table(
             query.indices[positions], query.inputs(positions, self.task), query.labels[positions], *predicted, ranked, self.image_shape
         )
+
+
+@contextlib.contextmanager
+def _store_options_named() -> Iterator[None]:
+    """Add the callback's own options to the feature store's errors: the store knows only its folder."""
+    try:
+        yield
+    except StoreMismatchError as err:
+        raise StoreMismatchError(f"{err} To replace it, pass store={{'overwrite': True}} (StoreConfig(overwrite=True)).") from err
+    except StoreError as err:
+        raise StoreError(
+            f"{err} The callback's options: store={{'dir': ...}} chooses the folder, store={{'keep_last': 1}} keeps only the "
+            "newest checkpoint, store={'dtype': 'float16'} halves it, and smaller subsets={'max_train_examples': ...} or "
+            "projection={'dim': ...} store less."
+        ) from err
 
 
 def _on_rank_zero(trainer: L.Trainer, fn: Callable[[], Any]) -> Any:

@@ -16,7 +16,7 @@ from conftest import DigitsMLP, fit, small_callback, stored_checkpoint
 
 from lightning_ntk.demos import DigitsDataModule
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two contending ones
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.ddp, pytest.mark.slow]
 
 # Odd subset sizes: the second rank's shards are padded to the first's length before all_gather.
 OPTIONS = dict(top_k=0, subsets={"max_train_examples": 121, "max_query_examples": 61})

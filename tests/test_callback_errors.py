@@ -62,7 +62,7 @@ def test_query_labels_outside_the_classes(tmp_path):
 
 def test_unwritable_store(tmp_path):
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(StoreError, match=r"is not writable.*store_dir="):
+    with pytest.raises(StoreError, match=r"is not writable.*store=\{'dir': \.\.\.\}"):
         fit(tmp_path, [small_callback(store={"dir": str(tmp_path / "a_file" / "store")})])
 
 
@@ -91,7 +91,7 @@ class FillTheDiskAfterFirstEpoch(L.Callback):
 def test_full_disk_keeps_what_was_logged(tmp_path):
     callback, disk = small_callback(top_k=0), FillTheDiskAfterFirstEpoch()
     try:
-        with pytest.raises(StoreError, match=r"disk is full.*store_dir=.*projection_dim"):
+        with pytest.raises(StoreError, match=r"disk is full.*store=\{'dir': \.\.\.\}.*projection=\{'dim'"):
             fit(tmp_path, [callback, disk], logger=CSVLogger(tmp_path))
     finally:
         disk.restore()

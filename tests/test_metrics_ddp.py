@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -31,6 +32,8 @@ def worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
 def test_two_process_reduction_equals_single_process():
     net, sur, labels = data()
     single = SurrogateFidelity()

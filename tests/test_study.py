@@ -41,6 +41,7 @@ def test_summary_is_mean_and_standard_error_over_seeds():
     assert "| s | k | 3 | 0.500 ± 0.208 | 50.00 ± 20.82 |" in table
 
 
+@pytest.mark.slow
 def test_small_study_writes_table_plots_and_results(tmp_path, capsys, wandb_dir):
     """Digits and MNIST-format data run; CIFAR-10, absent, is skipped with the reason; the per-seed
     table and the plots reach W&B."""
