@@ -15,7 +15,6 @@ import os
 
 import lightning as L
 import torch
-from torch import nn
 
 from lightning_ntk import NTKAttributionCallback, ProjectionConfig, SubsetConfig
 from lightning_ntk.dashboards import format_history, wandb_mode

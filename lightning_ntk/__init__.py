@@ -51,6 +51,8 @@ __all__ = [
     "embedding_features",
     "exact_kernel",
     "factored_kernel",
+    "fit_from_features",
+    "fit_from_kernel",
     "get_kernel",
     "gradient_features",
     "kernel_blocks",

@@ -14,12 +14,16 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import tempfile
 import time
+import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from . import dashboards
@@ -139,7 +143,11 @@ class NTKAttributionCallback(L.Callback):
         self.top_k, self.table_examples, self.image_shape = top_k, table_examples, image_shape
         self.memory_budget, self.name = memory_budget, name
         self.prefix = dashboards.PREFIX + (f"{name}/" if name else "")
-        self.history: list[CheckpointRecord] = []
+        # Under ddp_spawn the fit runs in child processes: rank 0 hands its results back through this file.
+        self._creator = os.getpid()
+        self._handoff = Path(tempfile.gettempdir()) / f"lightning_ntk-{uuid.uuid4().hex}.pt"
+        self._resumed: dict[str, Any] | None = None
+        self._history: list[CheckpointRecord] = []
         self.pipeline: FidelityPipeline | None = None
         self._last: Checkpoint | None = None
         self._store: FeatureStore | None = None
@@ -152,9 +160,21 @@ class NTKAttributionCallback(L.Callback):
         return self._generate_state_key(kernel=self.kernel.name, name=self.name)
 
     @property
+    def history(self) -> list[CheckpointRecord]:
+        """One record per checkpoint taken in this fit (and, when resumed, before it)."""
+        self._take_handoff()
+        return self._history
+
+    @property
     def surrogate(self) -> KernelSurrogate | None:
         """The latest checkpoint's surrogate (on rank 0), None before the first checkpoint."""
+        self._take_handoff()
         return None if self._last is None else self._last.surrogate
+
+    def _options(self) -> dict[str, Any]:
+        """What decides the rows of the history: a resumed history is only continued with the same."""
+        return {"kernel": self.kernel.name, "projection": self.projection.to_dict(), "subsets": self.subsets.to_dict(), "module": self.module,
+                "params": self.params if isinstance(self.params, (str, list, type(None))) else repr(self.params)}
 
     # -- schedule --------------------------------------------------------------------------------
     def should_featurize(self, trainer: L.Trainer) -> bool:
@@ -165,14 +185,15 @@ class NTKAttributionCallback(L.Callback):
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":  # a new fit starts a new history; a resumed one gets its own back in load_state_dict
-            self.history, self._last = [], None
+            self._history, self._last, self._resumed = [], None, None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Resolve the model and the data, and check everything that can fail before training does."""
         if trainer.fast_dev_run:
             return
+        self._check_resumed_options()
         model = self._logits_module(pl_module)
-        self._store = FeatureStore(self.store_config.dir or os.path.join(trainer.default_root_dir, "ntk_store"))
+        self._store = FeatureStore(self.store_config.dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "ntk_store"))
         if trainer.is_global_zero:
             with _store_options_named():
                 self._store.check_writable()
@@ -197,6 +218,7 @@ class NTKAttributionCallback(L.Callback):
                 hint = "" if self.module is not None else " If a submodule returns the logits, pass module='<its name>' to the callback."
                 option = " (train_data=/query_data=)" if "labels" in str(err) else ""
                 raise type(err)(f"NTKAttributionCallback: {err}{option}{hint}") from err
+            self._check_image_shape()
         if trainer.is_global_zero:
             for run in dashboards.wandb_runs(trainer.loggers):
                 dashboards.define_epoch_axis(run)
@@ -207,22 +229,64 @@ class NTKAttributionCallback(L.Callback):
             self._checkpoint(trainer, pl_module, trainer.current_epoch)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.pipeline is None or not self.at_fit_end or (self.history and self.history[-1].step == trainer.global_step):
+        if self.pipeline is None or not self.at_fit_end or (self._history and self._history[-1].step == trainer.global_step):
             return
         # After the last epoch, current_epoch already counts it; a fit stopped mid-epoch is in current_epoch.
         epoch = trainer.current_epoch - 1 if trainer.global_step == self._epoch_end_step else trainer.current_epoch
         self._checkpoint(trainer, pl_module, max(epoch, 0))
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and os.getpid() != self._creator and trainer.is_global_zero:  # a spawned process: hand back
+            torch.save({"history": self._history, "last": self._last, "pipeline": self.pipeline}, self._handoff)
+
+    def _take_handoff(self) -> None:
+        """In the process that built the callback, take over what a spawned rank 0 handed back."""
+        if os.getpid() == self._creator and self._handoff.exists():
+            state = torch.load(self._handoff, weights_only=False)
+            self._handoff.unlink()
+            self._history, self._last, self.pipeline = state["history"], state["last"], state["pipeline"]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [row.to_dict() for row in self.history]}
+        return {"history": [row.to_dict() for row in self._history], "options": self._options()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [CheckpointRecord(**row) for row in state_dict["history"]]
+        self._history = [CheckpointRecord(**row) for row in state_dict["history"]]
+        self._resumed = state_dict.get("options")
+
+    def _check_resumed_options(self) -> None:
+        """Refuse to continue a resumed history computed with other options: its rows would not compare."""
+        if self._resumed is None or self._resumed == self._options():
+            return
+        current = self._options()
+        differing = "; ".join(f"{k}: checkpoint {self._resumed.get(k)!r}, now {current[k]!r}" for k in current if self._resumed.get(k) != current[k])
+        raise ValueError(
+            f"NTKAttributionCallback: the resumed checkpoint's fidelity history was computed with other options ({differing}), "
+            "so its rows would not compare with new ones. Resume with the same options, or start a new fit without ckpt_path "
+            "(or with a callback of another name=...)."
+        )
+
+    def _check_image_shape(self) -> None:
+        if self.image_shape is None:
+            return
+        example = self._reference.inputs(torch.arange(1), self.task)
+        size = example[0].numel() if isinstance(example, torch.Tensor) else None
+        if size != int(np.prod(self.image_shape)):
+            raise ValueError(
+                f"image_shape={list(self.image_shape)} holds {int(np.prod(self.image_shape))} values, but an example's input "
+                f"{'holds ' + str(size) + ' values' if size is not None else 'is not one tensor'}. Pass the shape of one input "
+                "(e.g. [1, 28, 28]), or image_shape=None to show inputs as text."
+            )
 
     # -- attribution queries -----------------------------------------------------------------------
     def attribute(self, batch: Any, top_k: int = 5, target: torch.Tensor | None = None) -> Attribution:
         """Explain the network's predictions on ``batch`` (a batch as the data loaders yield it, or
         model inputs) with the latest surrogate. Indices are positions in the reference dataset."""
+        self._take_handoff()
+        if isinstance(batch, list) and all(isinstance(t, torch.Tensor) for t in batch) and not _is_inputs_and_labels(batch):
+            raise TypeError(
+                f"attribute() got a list of {len(batch)} tensors: pass the examples stacked into one tensor "
+                "(torch.stack(examples)), or a batch as the data loaders yield it, e.g. a tuple (inputs, labels)."
+            )
         if self._last is None:
             raise RuntimeError(
                 "NTKAttributionCallback has no surrogate yet: it is fitted at the first scheduled checkpoint (on rank 0 "
@@ -249,7 +313,8 @@ class NTKAttributionCallback(L.Callback):
         per_rank = -(-n // world)
         filler = positions[-1:] if len(positions) else torch.zeros(1, dtype=torch.long)
         positions = torch.cat([positions, filler.repeat(per_rank - len(positions))])
-        local = self.pipeline.features(examples.loader(positions, self.subsets.batch_size))
+        progress = f"NTK features ({examples.name})" if trainer.progress_bar_callback is not None and trainer.is_global_zero else False
+        local = self.pipeline.features(examples.loader(positions, self.subsets.batch_size), progress=progress)
         if world == 1:
             return local
         gathered = trainer.strategy.all_gather(local.to(trainer.strategy.root_device)).cpu()
@@ -295,11 +360,17 @@ class NTKAttributionCallback(L.Callback):
                 return self._last.record
 
             record = _on_rank_zero(trainer, evaluate)
-        self.history.append(record)
+        self._history.append(record)
+        rank_zero_info(
+            f"NTK fidelity at epoch {epoch}: Kendall-τ {record.kendall_tau:.3f}, TAD {100 * record.tad:+.2f} pp ({record.num_train} reference, "
+            f"{record.num_query} query examples); featurize {record.featurize_seconds:.1f} s"
+            f"{' (reused from the store)' if record.store_reused else ''}, fit {record.fit_seconds:.1f} s ({record.fit_iterations} iterations"
+            f"{'' if record.surrogate_converged else ', not converged'}), score {record.score_seconds:.1f} s."
+        )
         dashboards.log_scalars(trainer.loggers, record, self.prefix)
         if trainer.is_global_zero:
             for run in dashboards.wandb_runs(trainer.loggers):
-                dashboards.log_checkpoint_media(run, self.history, *media[0], table=media[1], prefix=self.prefix)
+                dashboards.log_checkpoint_media(run, self._history, *media[0], table=media[1], prefix=self.prefix)
 
     def _attribution_table(self, trainer: L.Trainer) -> Any:
         """The W&B table of the first query examples with their top-k proponents and opponents."""
@@ -321,6 +392,11 @@ class NTKAttributionCallback(L.Callback):
         return dashboards.attribution_table(
             query.indices[positions], query.inputs(positions, self.task), query.labels[positions], *predicted, ranked, self.image_shape
         )
+
+
+def _is_inputs_and_labels(batch: list[torch.Tensor]) -> bool:
+    """Whether a list of tensors reads as a collated ``[inputs, labels]`` batch rather than a list of examples."""
+    return len(batch) == 2 and batch[0].ndim >= 1 and batch[1].ndim == 1 and not batch[1].is_floating_point() and len(batch[0]) == len(batch[1])
 
 
 @contextlib.contextmanager

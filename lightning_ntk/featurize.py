@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, check_logits, eval_mode, parameter_fingerprint
 from .layers import CONV_TYPES, LayerGradients
-from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector, check_projection_dim
+from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector
 from .registry import get_kernel, names, projected
 from .task import Task, batch_size_of, is_raw_inputs, iter_batches, move_inputs, slice_inputs
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -222,6 +224,22 @@ class Checkpoint:
     surrogate_logits: torch.Tensor
 
 
+def _fidelity_warning(features: CheckpointFeatures, surrogate_logits: torch.Tensor, fidelity: dict[str, float]) -> str:
+    """Why a checkpoint's figures are not numbers, in words (empty when they are)."""
+    network = torch.as_tensor(features.query_logits)
+    bad = int((~torch.isfinite(network)).any(1).sum())
+    if bad:
+        return (f"the network's logits hold NaN or inf on {bad} of {len(network)} query examples, so Kendall-τ and the "
+                "accuracies are not meaningful: check the model's output (overflow, a log of zero) on those examples.")
+    if not torch.isfinite(surrogate_logits).all():
+        return "the surrogate's logits hold NaN or inf: check the features for NaN/inf (the network's gradients)."
+    if math.isnan(fidelity["kendall_tau"]):
+        classes = int(torch.as_tensor(features.query_labels).unique().numel())
+        return (f"Kendall-τ is undefined on {len(network)} query example(s) of {classes} class(es): it needs at least two examples "
+                "whose scores differ and whose network probability is neither 0 nor 1. Use a larger query set with several classes.")
+    return ""
+
+
 class FidelityPipeline:
     """A network, a registered kernel and the options of each stage.
 
@@ -295,9 +313,12 @@ class FidelityPipeline:
             return stream_features(self.model, data, forward, self.task, self.batch_size)
 
     def check(self, reference: ExampleSet, query: ExampleSet) -> int:
-        """The number of logits, after checking the model's output on two examples and that both sets'
-        labels are among its classes."""
-        logits = self.logits(reference.inputs(torch.arange(min(2, len(reference))), self.task))
+        """The number of logits, after a dry run on two examples (the model's output, and their features:
+        whatever would fail at a checkpoint fails here) and a check that both sets' labels are among its classes."""
+        sample = reference.inputs(torch.arange(min(2, len(reference))), self.task)
+        logits = self.logits(sample)
+        with torch.inference_mode(False), torch.enable_grad():
+            self.features(sample)
         classes = max(2, logits.shape[1])
         for examples in (reference, query):
             low, high = int(examples.labels.min()), int(examples.labels.max())
@@ -371,11 +392,14 @@ class FidelityPipeline:
         surrogate = self.fit(features, num_outputs, previous)
         fitted = time.perf_counter()
         fidelity, rows, surrogate_logits = self.score(surrogate, features)
+        warning = _fidelity_warning(features, surrogate_logits, fidelity)
+        if warning:
+            warnings.warn(f"Fidelity checkpoint{'' if epoch is None else f' at epoch {epoch}'}: {warning}", stacklevel=2)
         record = CheckpointRecord(
             epoch=epoch, step=step, **fidelity, num_train=len(features.reference_labels), num_query=len(features.query_labels),
             featurize_seconds=featurize_seconds, fit_seconds=fitted - started, score_seconds=time.perf_counter() - fitted,
             fit_iterations=int(surrogate.fit_record.get("iterations", len(surrogate.history))), surrogate_converged=bool(surrogate.converged),
-            store_reused=store_reused, parameters=spec.parameters,
+            store_reused=store_reused, parameters=spec.parameters, warning=warning,
         )
         return Checkpoint(record, surrogate, features, spec, rows, surrogate_logits)
 

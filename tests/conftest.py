@@ -50,13 +50,13 @@ def small_callback(projection=None, subsets=None, **options):
     return NTKAttributionCallback(projection=projection, subsets=subsets, **{"top_k": 3, "table_examples": 4, **options})
 
 
-def fit(root, callbacks=(), max_epochs=3, model=None, seed=0, **trainer_options):
+def fit(root, callbacks=(), max_epochs=3, model=None, seed=0, ckpt_path=None, **trainer_options):
     L.seed_everything(seed, verbose=False)
     model = model or DigitsMLP()
     options = dict(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=root,
                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=5)
     trainer = L.Trainer(callbacks=list(callbacks), **{**options, **trainer_options})
-    trainer.fit(model, datamodule=DigitsDataModule())
+    trainer.fit(model, datamodule=DigitsDataModule(), ckpt_path=ckpt_path)
     return trainer, model
 
 

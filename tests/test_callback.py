@@ -15,7 +15,6 @@ from torch import nn
 from wandb_offline import find_runs, read_run
 
 import lightning_ntk as ln
-from lightning_ntk import NTKAttributionCallback
 from conftest import DigitsMLP, fit, small_callback, stored_checkpoint
 from lightning_ntk.demos import DigitsDataModule
 
@@ -38,8 +37,8 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
     # The last row, recomputed independently from the data, the final model and the stored features.
     data = DigitsDataModule()
     data.setup()
-    stored = stored_checkpoint(tmp_path, 2)
-    assert torch.equal(stored["reference_indices"], stored_checkpoint(tmp_path, 0)["reference_indices"])  # same subset every time
+    stored = stored_checkpoint(wandb_dir, 2)  # by default the store lives in the first logger's folder
+    assert torch.equal(stored["reference_indices"], stored_checkpoint(wandb_dir, 0)["reference_indices"])  # same subset every time
     x_train, y_train = (t[stored["reference_indices"]] for t in data.train_set.tensors)
     x_query, y_query = (t[stored["query_indices"]] for t in data.val_set.tensors)
     assert len(x_train) == 120 and len(x_query) == 60
@@ -192,7 +191,7 @@ def test_single_logit_binary_network(tmp_path, wandb_dir):
     trainer.fit(model, datamodule=DigitsDataModule(classes=(0, 1)))
     [row] = callback.history
     assert callback.surrogate.weight.shape == (1, 60)
-    stored = stored_checkpoint(tmp_path, 1)
+    stored = stored_checkpoint(wandb_dir, 1)
     p_net = torch.sigmoid(stored["query_logits"][:, 0].double())
     p_sur = torch.sigmoid(callback.surrogate.predict(ln.kernel_from_features(stored["query_features"], stored["reference_features"]))[:, 0].double())
     keep = (p_net > 0) & (p_net < 1)

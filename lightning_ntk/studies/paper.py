@@ -22,7 +22,6 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..callback import NTKAttributionCallback
 from ..dashboards import wandb_mode

@@ -1,0 +1,189 @@
+"""Faults and bad input around the callback: each either gets a clear error before training or a warning,
+and nothing logged or trained is lost (see docs/reliability.md)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import DigitsMLP, fit, small_callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import Dataset
+
+from lightning_ntk import NTKAttributionCallback
+from lightning_ntk.demos import DigitsDataModule, load_digits_tensors
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(surrogate={"formulation": "multinomal"}), "Unknown formulation 'multinomal'"),
+        (dict(surrogate={"alpah": 1e-3}), r"Unknown SurrogateConfig option\(s\) \['alpah'\]"),
+        (dict(surrogate={"alpha": -1.0}), "alpha is an L2 penalty and must be a number ≥ 0"),
+        (dict(projection={"projector": "sketchy"}), "Unknown projector 'sketchy'"),
+        (dict(every_n_epochs=True), "every_n_epochs must be a positive integer or None"),
+        (dict(epochs=[-1]), r"epochs must be 0-based epoch numbers"),
+        (dict(subsets={"batch_size": 0}), "batch_size must be an integer ≥ 1"),
+        (dict(store={"dtype": "float8"}), "Unknown storage dtype 'float8'"),
+        (dict(top_k=-1), "top_k must be an integer ≥ 0"),
+    ],
+)
+def test_bad_options_fail_in_the_constructor(options, message):
+    with pytest.raises(ValueError, match=message):
+        NTKAttributionCallback(**options)
+
+
+class ItemInForward(DigitsMLP):
+    """A forward pass that torch.func cannot transform: a data-dependent Python branch."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out * 2 if out.sum().item() > 0 else out
+
+
+@pytest.mark.parametrize(
+    "options, model, error, message",
+    [
+        (dict(kernel="em", layers=["network.9"]), None, ValueError, r"Unknown layer names \['network.9'\]"),
+        (dict(image_shape=[7, 7]), None, ValueError, r"image_shape=\[7, 7\] holds 49 values, but an example's input holds 64"),
+        (dict(kernel="trntk"), ItemInForward(), Exception, r"forward"),
+    ],
+    ids=["em-layers", "image-shape", "item-in-forward"],
+)
+def test_what_would_fail_at_the_first_checkpoint_fails_before_training(tmp_path, options, model, error, message):
+    steps = []
+
+    class CountSteps(L.Callback):
+        def on_train_batch_end(self, *args):
+            steps.append(1)
+
+    with pytest.raises(error, match=message):
+        fit(tmp_path, [small_callback(every_n_epochs=3, **options), CountSteps()], model=model)
+    assert not steps  # not one training step was spent
+
+
+def test_string_labels_get_a_clear_error(tmp_path):
+    class Named(Dataset):
+        def __init__(self):
+            self.x = load_digits_tensors()[0][:20]
+
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            return self.x[i], "even" if i % 2 == 0 else "odd"
+
+    with pytest.raises(ValueError, match=r"labels must be class indices \(integers\), got (list|tuple).*task=Task\(labels="):
+        fit(tmp_path, [small_callback(train_data=Named())])
+
+
+def test_a_list_of_examples_is_not_read_as_inputs_and_labels(tmp_path):
+    callback = small_callback(every_n_epochs=None, top_k=0)
+    fit(tmp_path, [callback], max_epochs=1)
+    x = load_digits_tensors()[2][:2]
+    with pytest.raises(TypeError, match=r"list of 2 tensors.*torch.stack"):
+        callback.attribute([x[0], x[1]])
+    assert callback.attribute(torch.stack([x[0], x[1]])).proponent_indices.shape[0] == 2
+
+
+def test_reusing_a_callback_in_a_second_fit_starts_a_new_history(tmp_path):
+    callback = small_callback(top_k=0)
+    fit(tmp_path / "a", [callback], max_epochs=2)
+    fit(tmp_path / "b", [callback], max_epochs=2)
+    assert [row.epoch for row in callback.history] == [0, 1]
+
+
+def test_resume_keeps_the_history_with_a_moved_store_and_refuses_other_subsets(tmp_path):
+    first = small_callback(top_k=0, store={"dir": str(tmp_path / "store_a")})
+    fit(tmp_path, [first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=2, enable_checkpointing=True)
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+
+    moved = small_callback(top_k=0, store={"dir": str(tmp_path / "store_b")})
+    fit(tmp_path, [moved], max_epochs=3, ckpt_path=last)
+    assert [row.epoch for row in moved.history] == [0, 1, 2]
+    assert moved.history[:2] == first.history
+
+    other = small_callback(top_k=0, subsets={"max_train_examples": 100})
+    with pytest.raises(ValueError, match=r"resumed checkpoint's fidelity history was computed with other options \(subsets"):
+        fit(tmp_path, [other], max_epochs=3, ckpt_path=last)
+
+
+class RandomShift(Dataset):
+    """Digits with a fresh random shift at every read, as a random augmentation would give."""
+
+    def __init__(self):
+        self.x, self.y = load_digits_tensors()[:2]
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.5 * torch.randn(64), self.y[i]
+
+
+def test_random_augmentation_is_drawn_once(tmp_path):
+    """With the weights frozen (lr 0), every checkpoint sees the same inputs, so the figures repeat exactly."""
+    callback = small_callback(top_k=0, train_data=RandomShift())
+    fit(tmp_path, [callback], max_epochs=3, model=DigitsMLP(lr=0.0))
+    taus = [row.kendall_tau for row in callback.history]
+    assert len(taus) == 3 and taus[0] == taus[1] == taus[2]
+
+
+class InfLogit(DigitsMLP):
+    """A network whose logits overflow on the first example of every evaluation batch."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            return out
+        overflow = torch.zeros_like(out)
+        overflow[0] = float("inf")
+        return out + overflow
+
+
+def test_non_finite_logits_warn_and_mark_the_row(tmp_path):
+    callback = small_callback(top_k=0, every_n_epochs=None)
+    with pytest.warns(UserWarning, match=r"network's logits hold NaN or inf on \d+ of 60 query examples"):
+        fit(tmp_path, [callback], max_epochs=1, model=InfLogit())
+    [row] = callback.history
+    assert "NaN or inf" in row.warning
+
+
+def test_one_query_example_warns_that_tau_is_undefined(tmp_path):
+    _, _, x_test, y_test = load_digits_tensors()
+    callback = small_callback(top_k=0, every_n_epochs=None, query_data=(x_test[:1], y_test[:1]))
+    with pytest.warns(UserWarning, match=r"Kendall-τ is undefined on 1 query example\(s\) of 1 class"):
+        trainer, _ = fit(tmp_path, [callback], max_epochs=1)
+    assert trainer.state.finished and "undefined" in callback.history[0].warning
+
+
+def train_with_ddp_spawn(out: Path) -> None:
+    """Run by the test below in a fresh interpreter: the callback's history after fit returns."""
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    callback = small_callback(top_k=0)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, default_root_dir=out,
+                        callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    model = DigitsMLP()
+    trainer.fit(model, datamodule=DigitsDataModule())
+    x = load_digits_tensors()[2][:3]
+    explained = callback.attribute(x)
+    torch.save({"epochs": [row.epoch for row in callback.history], "proponents": explained.proponent_indices.shape}, out / "result.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_spawn_hands_the_history_back(tmp_path):
+    done = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt")
+    assert result["epochs"] == [0, 1] and tuple(result["proponents"]) == (3, 5)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    train_with_ddp_spawn(Path(sys.argv[1]))
