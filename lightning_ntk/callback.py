@@ -371,6 +371,7 @@ class NTKAttributionCallback(L.Callback):
         if trainer.is_global_zero:
             for run in dashboards.wandb_runs(trainer.loggers):
                 dashboards.log_checkpoint_media(run, self._history, *media[0], table=media[1], prefix=self.prefix)
+            dashboards.log_history_plots(trainer.loggers, self._history, self.prefix)
 
     def _attribution_table(self, trainer: L.Trainer) -> Any:
         """The W&B table of the first query examples with their top-k proponents and opponents."""

@@ -3,7 +3,9 @@
 Every logger gets the ``ntk/*`` scalars against the epoch. A W&B run additionally gets an epoch axis
 for them, a table of test examples with their top-k proponents and opponents (images for image-like
 inputs, text otherwise), a scatter of network vs surrogate probabilities and the fidelity history as
-a line plot. ``wandb`` is imported only when a W&B run is there to receive them.
+a line plot. Loggers without media get the fidelity history as a picture too: TensorBoard as a
+figure, a CSV logger as a PNG beside its ``metrics.csv`` (both drawn with matplotlib, when installed).
+``wandb`` is imported only when a W&B run is there to receive them.
 """
 
 from __future__ import annotations
@@ -167,6 +169,51 @@ def log_checkpoint_media(
     if table is not None:
         media[prefix + "attributions"] = table
     run.log(dict(media, epoch=row.epoch, **{"trainer/global_step": row.step}))
+
+
+def history_figure(history: Sequence[Any], title: str = "NTK surrogate fidelity across training") -> Any:
+    """The fidelity history as a matplotlib figure (Kendall-τ and the accuracies against the epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = [row.epoch for row in history]
+    for metric in HISTORY_PLOT_METRICS:
+        ax.plot(epochs, [getattr(row, metric) for row in history], marker="o", label=metric)
+    ax.set(xlabel="epoch", title=title, ylim=(min(0.0, *(row.kendall_tau for row in history if math.isfinite(row.kendall_tau))), 1.0))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def log_history_plots(loggers: Sequence[Any], history: Sequence[Any], prefix: str = PREFIX) -> list[str]:
+    """Give loggers without W&B media the fidelity history as a picture: TensorBoard a figure at the
+    latest record's step, a CSV logger a PNG in its folder (overwritten at each checkpoint). Returns
+    where PNGs were written; does nothing without matplotlib."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    targets = [logger for logger in loggers if isinstance(logger, (CSVLogger, TensorBoardLogger))]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
+    written = []
+    for logger in targets:
+        fig = history_figure(history)
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_figure(prefix + "fidelity_history", fig, global_step=history[-1].step)
+        else:
+            os.makedirs(logger.log_dir, exist_ok=True)
+            path = os.path.join(logger.log_dir, prefix.strip("/").replace("/", "_") + "_fidelity_history.png")
+            fig.savefig(path, dpi=100)
+            written.append(path)
+        from matplotlib import pyplot as plt
+
+        plt.close(fig)
+    return written
 
 
 def format_history(history: Sequence[Any], columns: Sequence[str] = TABLE_COLUMNS) -> str:

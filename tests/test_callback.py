@@ -98,6 +98,8 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
     csv_rows = [r for r in csv.DictReader(metrics_file.open()) if r.get("ntk/kendall_tau")]
     assert [int(float(r["epoch"])) for r in csv_rows] == [0, 1, 2]
     assert [float(r["ntk/kendall_tau"]) for r in csv_rows] == pytest.approx([getattr(h, "kendall_tau") for h in history])
+    picture = metrics_file.parent / "ntk_fidelity_history.png"  # loggers without media get the history plot as a PNG
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 5000
 
     # Attribution queries after training, also from inference-mode tensors, index the training dataset.
     x_batch, y_batch = data.val_set.tensors[0][:5], data.val_set.tensors[1][:5]
