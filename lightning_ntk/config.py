@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 import torch
 
 from .projection import PROJECTOR_KINDS, check_projection_dim
+from .surrogate import FORMULATIONS
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-FORMULATIONS = ("multinomial", "ovr")
 
 _Config = TypeVar("_Config", bound="_Options")
 
