@@ -89,20 +89,25 @@ def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
+def check_label_range(labels: torch.Tensor, num_logits: int, what: str = "The labels", fix: str = "") -> None:
+    """Refuse labels outside the classes of a network with ``num_logits`` logits (two for a single logit)."""
+    classes = max(2, num_logits)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(
+            f"{what} hold labels {int(labels.min())}..{int(labels.max())}, outside the {classes} classes of the network's "
+            f"{num_logits} logit(s). {fix or 'Check that the data use the training classes, or the model its output size.'}"
+        )
+
+
 def _check_inputs(network_logits: torch.Tensor, surrogate_logits: torch.Tensor, labels: torch.Tensor) -> None:
     if network_logits.ndim != 2 or network_logits.shape != surrogate_logits.shape:
         raise ValueError(
             f"Network logits {tuple(network_logits.shape)} and surrogate logits {tuple(surrogate_logits.shape)} must both "
             "be [M, C] with the same shape: fit the surrogate with num_outputs equal to the network's number of logits."
         )
-    classes = max(2, network_logits.shape[1])
     if labels.ndim != 1 or labels.shape[0] != network_logits.shape[0]:
         raise ValueError(f"Expected one label per example ({network_logits.shape[0]}), got labels of shape {tuple(labels.shape)}.")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
-        raise ValueError(
-            f"Labels must lie in 0..{classes - 1} for a network with {network_logits.shape[1]} logit(s); got "
-            f"{int(labels.min())}..{int(labels.max())}. Check that the query set uses the training set's classes."
-        )
+    check_label_range(labels, network_logits.shape[1], fix="Check that the query set uses the training set's classes.")
 
 
 def fidelity_scores(network_logits: torch.Tensor, surrogate_logits: torch.Tensor, labels: torch.Tensor, score: str = "true_class"):

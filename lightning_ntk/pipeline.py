@@ -33,7 +33,7 @@ from .config import ProjectionConfig, SurrogateConfig
 from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, stream_features
 from .jacobian import check_logits, eval_mode, parameter_fingerprint, select_parameters
 from .kernels import as_tensor, kernel_from_features
-from .metrics import SurrogateFidelity, fidelity_scores
+from .metrics import SurrogateFidelity, check_label_range, fidelity_scores
 from .projection import DEFAULT_MEMORY_BUDGET
 from .registry import Kernel, get_kernel
 from .store import FeatureStore
@@ -319,14 +319,9 @@ class FidelityPipeline:
         logits = self.logits(sample)
         with torch.inference_mode(False), torch.enable_grad():
             self.features(sample)
-        classes = max(2, logits.shape[1])
         for examples in (reference, query):
-            low, high = int(examples.labels.min()), int(examples.labels.max())
-            if low < 0 or high >= classes:
-                raise ValueError(
-                    f"The {examples.name} set holds labels {low}..{high}, outside the {classes} classes of the model's "
-                    f"{logits.shape[1]} logit(s). Use a {examples.name} set with the training classes, or check the model's output size."
-                )
+            check_label_range(examples.labels, logits.shape[1], f"The {examples.name} set's examples",
+                              f"Use a {examples.name} set with the training classes, or check the model's output size.")
         return logits.shape[1]
 
     def featurize(self, reference: ExampleSet, query: ExampleSet) -> CheckpointFeatures:

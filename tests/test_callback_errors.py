@@ -56,7 +56,7 @@ def test_batches_without_labels(tmp_path):
 
 def test_query_labels_outside_the_classes(tmp_path):
     _, _, x_test, y_test = load_digits_tensors()
-    with pytest.raises(ValueError, match=r"query set holds labels 5\.\.14, outside the 10 classes.*query_data="):
+    with pytest.raises(ValueError, match=r"query set's examples hold labels 5\.\.14, outside the 10 classes.*query_data="):
         fit(tmp_path, [small_callback(query_data=(x_test, y_test + 5))])
 
 
