@@ -1,10 +1,10 @@
 """The paper's MNIST "0 vs 1" setup: a single-logit MLP, its NTK surrogate's fidelity tracked by a preset.
 
 A LightningCLI script, so any preset of ``callbacks/`` attaches the callback. The data are read from
-torchvision's files under ``--data.data_dir`` (default ``data``); when they are missing, torchvision
-and a network connection download them once:
+torchvision's file layout under ``--data.data_dir`` (default ``data``); when they are missing, they are
+downloaded once from torchvision's URLs (``--data.mirror`` replaces them), checksums verified, without
+torchvision itself:
 
-    pip install torchvision
     python examples/mnist2.py fit --config callbacks/trntk_fidelity.yaml --trainer.max_epochs 10
 
 ``examples/cifar2.py`` reuses these classes for CIFAR-10 "airplane vs automobile" with a CNN.
@@ -16,8 +16,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ntk.demos import load_torchvision_pair
-from lightning_ntk.demos import Classifier, binary_cnn, binary_mlp
+from lightning_ntk.demos import Classifier, binary_cnn, binary_mlp, download_torchvision_files, load_torchvision_pair
 
 
 class BinaryClassifier(Classifier):
@@ -32,22 +31,19 @@ class BinaryClassifier(Classifier):
 
 class TorchvisionPairDataModule(L.LightningDataModule):
     """Two classes of a torchvision data set (``MNIST``, ``FashionMNIST``, ``CIFAR10``), relabelled 0/1;
-    the validation set is the official test split."""
+    the validation set is the official test split. ``mirror``: a base URL to download from instead of
+    torchvision's (None: torchvision's)."""
 
-    def __init__(self, dataset: str = "MNIST", classes: tuple[int, int] = (0, 1), data_dir: str = "data", batch_size: int = 64):
+    def __init__(self, dataset: str = "MNIST", classes: tuple[int, int] = (0, 1), data_dir: str = "data", batch_size: int = 64,
+                 mirror: str | None = None):
         super().__init__()
         self.save_hyperparameters()
 
     def prepare_data(self) -> None:
         try:
             self._load()
-            return  # already downloaded
         except FileNotFoundError:
-            pass
-        import torchvision  # only here, to download: the library and the tests never need it
-
-        for train in (True, False):
-            getattr(torchvision.datasets, self.hparams.dataset)(self.hparams.data_dir, train=train, download=True)
+            download_torchvision_files(self.hparams.dataset, self.hparams.data_dir, base_url=self.hparams.mirror)
 
     def _load(self):
         return load_torchvision_pair(self.hparams.dataset, self.hparams.data_dir, tuple(self.hparams.classes))

@@ -1,16 +1,26 @@
 """Real data that needs no download: scikit-learn's bundled 8×8 handwritten digits.
 
 The demo, the tests and the reproduction study all use it, so a user can run everything offline.
-Users who have downloaded MNIST, FashionMNIST or CIFAR-10 with torchvision can read two-class subsets
-of them with :func:`load_torchvision_pair`.
+MNIST, FashionMNIST and CIFAR-10 are read from torchvision's on-disk layout by
+:func:`load_torchvision_pair` and downloaded into it by :func:`download_torchvision_files`, neither of
+which imports torchvision: PyPI's torchvision does not import beside the CPU build of torch, and
+installing it may replace that build with a CUDA one.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import http.client
+import os
 import pickle
 import struct
-from pathlib import Path
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator
 
 import lightning as L
 import numpy as np
@@ -92,6 +102,137 @@ TORCHVISION_LAYOUTS = {
 }
 
 
+@dataclass(frozen=True)
+class TorchvisionSource:
+    """Where torchvision downloads a data set from: base URLs tried in order, the folder under the root
+    the files go to, each file's name and MD5, and whether they are ``.tar.gz`` archives to unpack
+    into the root."""
+
+    mirrors: tuple[str, ...]
+    folder: str
+    files: tuple[tuple[str, str], ...]
+    archive: bool = False
+
+
+_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+TORCHVISION_SOURCES = {  # the URLs and checksums of torchvision.datasets.MNIST, FashionMNIST and CIFAR10
+    "MNIST": TorchvisionSource(
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"), "MNIST/raw",
+        tuple(zip(_MNIST_FILES, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                                 "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"))),
+    ),
+    "FashionMNIST": TorchvisionSource(
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",), "FashionMNIST/raw",
+        tuple(zip(_MNIST_FILES, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                                 "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"))),
+    ),
+    "CIFAR10": TorchvisionSource(
+        ("https://www.cs.toronto.edu/~kriz/",), ".", (("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),), archive=True,
+    ),
+}
+
+
+class DownloadError(RuntimeError):
+    """A data set file could not be downloaded, or what came was not the file expected."""
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(destination: Path, chunks: Iterable[bytes], md5: str | None = None) -> None:
+    """Write ``chunks`` to a temporary file beside ``destination`` and move it there with one
+    ``os.replace``: an interrupted write, or one whose MD5 is not ``md5``, leaves nothing behind."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
+    try:
+        digest = hashlib.md5(usedforsecurity=False)
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                digest.update(chunk)
+        if md5 is not None and digest.hexdigest() != md5:
+            raise DownloadError(f"its MD5 is {digest.hexdigest()}, not the expected {md5} (a corrupted or changed file; nothing was kept)")
+        os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _fetch(url: str, timeout: float) -> Iterator[bytes]:
+    """The bytes at ``url`` in chunks; a network failure raises :class:`DownloadError` saying why."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            while chunk := response.read(1 << 20):
+                yield chunk
+    except (OSError, http.client.HTTPException) as err:  # URLError, HTTPError and timeouts are OSErrors
+        raise DownloadError(f"no answer ({getattr(err, 'reason', None) or err})") from err
+
+
+def download_file(url: str, destination: str | Path, md5: str, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``destination`` if its MD5 checksum is ``md5``; otherwise raise
+    :class:`DownloadError` and leave nothing there (the file is written beside it and moved in place)."""
+    destination = Path(destination)
+    try:
+        _write_atomically(destination, _fetch(url, timeout), md5)
+    except DownloadError as err:
+        raise DownloadError(f"Could not download {url}: {err}.") from err
+    return destination
+
+
+def _unpack(archive: Path, root: Path) -> None:
+    """Unpack a ``.tar.gz`` into ``root``, each file written atomically; members that would land
+    outside ``root`` are refused."""
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            path = PurePosixPath(member.name)
+            if path.is_absolute() or ".." in path.parts:
+                raise DownloadError(f"{archive} holds {member.name!r}, a path outside its folder: delete the archive and download it again.")
+            if member.isfile():
+                source = tar.extractfile(member)
+                _write_atomically(root.joinpath(*path.parts), iter(lambda: source.read(1 << 20), b""))
+
+
+def download_torchvision_files(dataset: str, root: str | Path, base_url: str | None = None, timeout: float = 60.0) -> Path:
+    """Download MNIST, FashionMNIST or CIFAR-10 into torchvision's layout under ``root``, from the
+    URLs torchvision uses (``base_url`` replaces them, e.g. a local mirror), without torchvision.
+
+    Files already there with the right MD5 are kept; every download is checked against its MD5 and
+    moved into place only once complete. CIFAR-10's archive is unpacked into ``root``. Returns the
+    folder :func:`load_torchvision_pair` reads. Without a network, raises :class:`DownloadError`
+    naming each URL tried and where to copy the file by hand.
+    """
+    if dataset not in TORCHVISION_SOURCES:
+        raise ValueError(f"Unknown data set {dataset!r}; choose one of {sorted(TORCHVISION_SOURCES)}.")
+    source = TORCHVISION_SOURCES[dataset]
+    mirrors = source.mirrors if base_url is None else (base_url,)
+    folder = Path(root) / source.folder
+    for name, md5 in source.files:
+        destination = folder / name
+        fresh = not (destination.exists() and _md5(destination) == md5)
+        if fresh:
+            failures = []
+            for mirror in mirrors:
+                try:
+                    download_file(f"{mirror.rstrip('/')}/{name}", destination, md5, timeout)
+                    break
+                except DownloadError as err:
+                    failures.append(str(err))
+            else:
+                raise DownloadError(
+                    f"{dataset} could not be downloaded. {' '.join(failures)} Without network access here, download "
+                    f"{name} from {mirrors[0].rstrip('/')}/{name} on a machine that has it, copy it to {destination.resolve()} "
+                    f"(MD5 {md5}) and run again."
+                )
+        if source.archive and (fresh or not _complete(dataset, Path(root))):
+            _unpack(destination, Path(root))
+    return Path(root) / TORCHVISION_LAYOUTS[dataset][0]
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format: big-endian dimensions after a magic number), gzipped or not."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -107,6 +248,17 @@ def _existing(folder: Path, name: str) -> Path:
         if candidate.exists():
             return candidate
     raise FileNotFoundError(folder / name)
+
+
+def _complete(dataset: str, root: Path) -> bool:
+    """Whether every file :func:`load_torchvision_pair` reads for ``dataset`` is under ``root``."""
+    folder, train_files, test_files = TORCHVISION_LAYOUTS[dataset]
+    try:
+        for name in train_files + test_files:
+            _existing(root / folder, name)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _read_split(dataset: str, folder: Path, files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +287,8 @@ def load_torchvision_pair(
     ``[N, C, H, W]`` in [0, 1]; ``classes[1]`` is label 1. ``max_train`` keeps a seeded random subset of
     the training split; the test split is the official one.
 
-    Raises ``FileNotFoundError`` naming the missing file and how to download the data set.
+    Raises ``FileNotFoundError`` naming the missing file and how to download the data set
+    (:func:`download_torchvision_files`).
     """
     if dataset not in TORCHVISION_LAYOUTS:
         raise ValueError(f"Unknown data set {dataset!r}; choose one of {sorted(TORCHVISION_LAYOUTS)}.")
@@ -146,7 +299,8 @@ def load_torchvision_pair(
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{dataset} is not under {Path(root).resolve()} ({err.args[0] if err.args else err} is missing). Download it once "
-            f"with torchvision: python -c \"import torchvision; torchvision.datasets.{dataset}('{root}', download=True)\""
+            f"(no torchvision needed): python -c \"from lightning_ntk.demos import download_torchvision_files; "
+            f"download_torchvision_files('{dataset}', '{root}')\""
         ) from None
     tensors = []
     for split, (images, labels) in enumerate(splits):
