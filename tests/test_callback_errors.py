@@ -99,4 +99,4 @@ def test_full_disk_keeps_what_was_logged(tmp_path):
     [metrics_file] = (tmp_path / "lightning_logs").glob("version_*/metrics.csv")
     logged = [row for row in csv.DictReader(metrics_file.open()) if row.get("ntk/kendall_tau")]
     assert [float(row["ntk/kendall_tau"]) for row in logged] == [pytest.approx(callback.history[0].kendall_tau)]
-    assert not [p for p in (tmp_path / "ntk_store").iterdir() if p.name.startswith(".")]  # no half-written entry left
+    assert not [p for p in (metrics_file.parent / "ntk_store").iterdir() if p.name.startswith(".")]  # no half-written entry left
