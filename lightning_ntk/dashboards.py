@@ -103,12 +103,10 @@ def render_examples(
     for example, caption in zip(_split(inputs), captions):
         decoded = text(example) if text is not None else None
         image = _as_image(example, image_shape) if decoded is None else None
-        if decoded is not None:
-            cells.append(f"{caption}: {decoded}")
-        elif image is not None:
+        if image is not None:
             cells.append(wandb.Image((image * 255).astype(np.uint8), caption=caption))
         else:
-            cells.append(f"{caption}: {_as_text(example)}")
+            cells.append(f"{caption}: {decoded if decoded is not None else _as_text(example)}")
     return cells
 
 
