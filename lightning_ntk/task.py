@@ -40,7 +40,7 @@ class Task:
 
     ``output``: where the logits are in what the model returns when it is not a tensor: a key of a
     dict or ``ModelOutput``, an attribute of a dataclass (default ``"logits"``, as Hugging Face
-    models return), an index of a tuple, or a callable ``output -> logits``.
+    models return), an index of a tuple, or a callable ``returned -> logits`` (applied to tensors too).
     ``mask``: the key of dict inputs that marks real (1) and padded (0) positions of token sequences;
     padded positions contribute nothing to layer-output features. ``decode``: turns one example's
     token ids (padding removed) into text for the attribution tables, e.g. a tokenizer's ``decode``.
@@ -87,12 +87,12 @@ class Task:
         return (inputs,), {}
 
     def logits(self, output: Any) -> Any:
-        """The logits in what the model returned: a tensor as it is, else the entry ``output`` names
-        (see the class docstring); a missing entry is refused with the fix named."""
-        if isinstance(output, torch.Tensor):
-            return output
+        """The logits in what the model returned: ``output(returned)`` for a callable ``output``, else a
+        tensor as it is, else the entry ``output`` names; a missing entry is refused with the fix named."""
         if callable(self.output):
             return self.output(output)
+        if isinstance(output, torch.Tensor):
+            return output
         if isinstance(output, Mapping):  # dicts and ModelOutput (whose keys are its fields that are set)
             if self.output in output:
                 return output[self.output]
