@@ -200,12 +200,22 @@ def test_layer_output_kernels_ignore_padded_positions(sentences):
 
 
 def test_the_word_order_task_is_balanced_and_only_order_tells_the_label():
-    texts, labels = size_order_sentences(2000, seed=0)
-    assert 0.45 < sum(labels) / len(labels) < 0.55
     rank = {animal: i for i, animal in enumerate(ANIMALS)}
+    texts, labels = size_order_sentences(500, seed=0, label_noise=0)
     for text, label in zip(texts, labels):
         first, second = [w for w in text.split() if w in rank]
         assert label == int(rank[first] > rank[second])
+    noisy_texts, noisy_labels = size_order_sentences(500, seed=0, label_noise=0.5)
+    assert noisy_texts == texts
+    flips = {gap: [] for gap in range(1, len(ANIMALS))}  # flipped labels by size gap: half of the closest pairs, few of the far ones
+    for text, clean, noisy in zip(texts, labels, noisy_labels):
+        first, second = [w for w in text.split() if w in rank]
+        flips[abs(rank[first] - rank[second])].append(float(clean != noisy))
+    far = [f for gap in range(6, len(ANIMALS)) for f in flips[gap]]
+    assert 0.35 < sum(flips[1]) / len(flips[1]) < 0.65 and sum(far) / len(far) < 0.15
+
+    texts, labels = size_order_sentences(2000, seed=0)
+    assert 0.45 < sum(labels) / len(labels) < 0.55
     # Every bag of words comes with both labels: swapping the animals keeps the words and flips the label.
     bags: dict[tuple, set] = {}
     for text, label in zip(texts, labels):

@@ -2,7 +2,7 @@
 order solves, token batches as Hugging Face models take them, and a small BERT built from a config.
 
 The task (:func:`size_order_sentences`): "the old cat chased a horse today" is labelled 1 when the first
-animal named is larger than the second. Both orders of every pair of animals are equally likely, so
+animal named is larger than the second (with label noise that grows as their sizes get closer). Both orders of every pair of animals are equally likely, so
 the words alone (a bag of words) are at chance: a model must read their order, as a transformer does
 through its position embeddings. A surrogate that is faithful to such a model has to capture that too.
 
@@ -53,10 +53,18 @@ class WordTokenizer:
         return " ".join(self.vocab[i] for i in ids if i >= len(SPECIAL_TOKENS))
 
 
-def size_order_sentences(num_examples: int, seed: int = 0) -> tuple[list[str], list[int]]:
+def size_order_sentences(num_examples: int, seed: int = 0, label_noise: float = 0.3) -> tuple[list[str], list[int]]:
     """``num_examples`` sentences "<det> [adj] A <verb> <det> [adj] B [ending]" over two different
-    animals A, B, and their labels: 1 when A is larger than B (in the order of :data:`ANIMALS`).
-    Labels are balanced, and a sentence's words without their order say nothing about its label."""
+    animals A, B, and their labels: 1 when A is larger than B (in the order of :data:`ANIMALS`),
+    flipped with probability ``label_noise / gap`` where ``gap`` is how many places apart the two are.
+
+    Labels are balanced, and a sentence's words without their order say nothing about its label.
+    The noise makes animals of close sizes ambiguous, so a well-fitted model is less sure of them:
+    its confidence varies from example to example, as on real data, and Kendall-τ between its and a
+    surrogate's confidence measures something.
+    """
+    if not 0 <= label_noise <= 0.5:
+        raise ValueError(f"label_noise must lie in [0, 0.5] (a flip probability), got {label_noise!r}.")
     rng = random.Random(seed)
     texts, labels = [], []
     for _ in range(num_examples):
@@ -68,7 +76,8 @@ def size_order_sentences(num_examples: int, seed: int = 0) -> tuple[list[str], l
 
         ending = [rng.choice(ENDINGS)] if rng.random() < 0.5 else []
         texts.append(" ".join(phrase(first) + [rng.choice(VERBS)] + phrase(second) + ending))
-        labels.append(int(first > second))
+        flipped = rng.random() < label_noise / abs(first - second)
+        labels.append(int((first > second) != flipped))
     return texts, labels
 
 

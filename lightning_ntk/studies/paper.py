@@ -108,7 +108,7 @@ SETUPS = {
     "order_bert": Setup(
         # float64: a trained network's saturated attention has gradients so small that float32 rounding would dominate them
         "word-order text task, 2-layer BERT (needs the text extra)", lambda: small_bert(len(size_order_tokenizer())).double(),
-        lambda seed, root: size_order_tensors(seed=seed), epochs=4, lr=3e-3, optimizer="adamw", batch_size=32, module=TextClassifier,
+        lambda seed, root: size_order_tensors(seed=seed), epochs=12, lr=2e-3, optimizer="adamw", batch_size=32, module=TextClassifier,
         alpha=1e-2,
     ),
 }
