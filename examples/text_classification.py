@@ -9,7 +9,7 @@ a W&B login exists) when wandb is installed, and prints the fidelity per checkpo
 sentences that explain a few test predictions::
 
     pip install -e ".[text,wandb]"
-    python examples/text_classification.py fit --trainer.max_epochs 3
+    python examples/text_classification.py fit --trainer.max_epochs 6
 
 With a network, a real data set and pretrained weights (``pip install datasets``)::
 
@@ -36,7 +36,7 @@ class BertClassifier(TextClassifier):
     else a small BERT built from a config (``vocab_size`` comes from the data's tokenizer)."""
 
     def __init__(self, pretrained: str | None = None, vocab_size: int = 64, num_labels: int = 2, hidden_size: int = 32,
-                 layers: int = 2, heads: int = 2, lr: float = 3e-3):
+                 layers: int = 2, heads: int = 2, lr: float = 2e-3):
         if pretrained is None:
             network = small_bert(vocab_size, num_labels, hidden_size, layers, heads)
         else:
