@@ -232,7 +232,10 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if dataset is not None and pretrained is None:
-            raise ValueError(f"dataset={dataset!r} needs the pretrained tokenizer's name: pass pretrained='bert-base-uncased' (or another).")
+            raise ValueError(
+                f"dataset={dataset!r} needs the pretrained tokenizer's name: pass pretrained='bert-base-uncased' (or another; "
+                "--model.pretrained in examples/text_classification.py)."
+            )
         if dataset is None:
             self.tokenizer = size_order_tokenizer()
         else:
