@@ -391,7 +391,8 @@ class NTKAttributionCallback(L.Callback):
         }
         predicted = [predictions(logits[positions]) for logits in (checkpoint.features.query_logits, checkpoint.surrogate_logits)]
         return dashboards.attribution_table(
-            query.indices[positions], query.inputs(positions, self.task), query.labels[positions], *predicted, ranked, self.image_shape
+            query.indices[positions], query.inputs(positions, self.task), query.labels[positions], *predicted, ranked, self.image_shape,
+            self.task.text,
         )
 
 

@@ -2,10 +2,10 @@
 
 Every logger gets the ``ntk/*`` scalars against the epoch. A W&B run additionally gets an epoch axis
 for them, a table of test examples with their top-k proponents and opponents (images for image-like
-inputs, text otherwise), a scatter of network vs surrogate probabilities and the fidelity history as
-a line plot. Loggers without media get the fidelity history as a picture too: TensorBoard as a
-figure, a CSV logger as a PNG beside its ``metrics.csv`` (both drawn with matplotlib, when installed).
-``wandb`` is imported only when a W&B run is there to receive them.
+inputs, the decoded text of token inputs, their values otherwise), a scatter of network vs surrogate
+probabilities and the fidelity history as a line plot. Loggers without media get the fidelity history
+as a picture too: TensorBoard as a figure, a CSV logger as a PNG beside its ``metrics.csv`` (both drawn
+with matplotlib, when installed). ``wandb`` is imported only when a W&B run is there to receive them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import netrc
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -90,15 +90,23 @@ def _as_text(example: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def render_examples(inputs: Any, captions: Sequence[str], image_shape: Sequence[int] | None = None) -> list[Any]:
-    """W&B cells for a batch of model inputs: ``wandb.Image`` for image-like examples (``[H, W]``,
-    ``[1|3, H, W]``, or any tensor with ``image_shape``), captioned text otherwise."""
+def render_examples(
+    inputs: Any, captions: Sequence[str], image_shape: Sequence[int] | None = None, text: Callable[[Any], str | None] | None = None
+) -> list[Any]:
+    """W&B cells for a batch of model inputs: the captioned ``text(example)`` when it gives one (e.g.
+    :meth:`Task.text <lightning_ntk.task.Task.text>`, the decoded tokens), else ``wandb.Image`` for
+    image-like examples (``[H, W]``, ``[1|3, H, W]``, or any tensor with ``image_shape``), else the
+    captioned values."""
     import wandb
 
     cells = []
     for example, caption in zip(_split(inputs), captions):
-        image = _as_image(example, image_shape)
-        cells.append(wandb.Image((image * 255).astype(np.uint8), caption=caption) if image is not None else f"{caption}: {_as_text(example)}")
+        decoded = text(example) if text is not None else None
+        image = _as_image(example, image_shape) if decoded is None else None
+        if image is not None:
+            cells.append(wandb.Image((image * 255).astype(np.uint8), caption=caption))
+        else:
+            cells.append(f"{caption}: {decoded if decoded is not None else _as_text(example)}")
     return cells
 
 
@@ -110,21 +118,22 @@ def attribution_table(
     surrogate_predictions: torch.Tensor,
     ranked: dict[str, tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]],
     image_shape: Sequence[int] | None = None,
+    text: Callable[[Any], str | None] | None = None,
 ) -> Any:
     """A ``wandb.Table`` with one row per query example: the example, its label, both models'
     predictions, and for each ranking in ``ranked`` (e.g. ``proponent``/``opponent`` → training
     indices ``[M, k]``, scores ``[M, k]``, the training inputs ``[M·k, ...]`` and labels ``[M·k]``)
-    the top-k training examples with their scores."""
+    the top-k training examples with their scores. Examples are shown as :func:`render_examples` does."""
     import wandb
 
     m = len(query_indices)
     columns = ["query_index", "input", "label", "network_prediction", "surrogate_prediction"]
-    query_cells = render_examples(query_inputs, [f"#{int(i)} label {int(y)}" for i, y in zip(query_indices, query_labels)], image_shape)
+    query_cells = render_examples(query_inputs, [f"#{int(i)} label {int(y)}" for i, y in zip(query_indices, query_labels)], image_shape, text)
     rows = [[int(query_indices[r]), query_cells[r], int(query_labels[r]), int(network_predictions[r]), int(surrogate_predictions[r])] for r in range(m)]
     for name, (indices, scores, inputs, labels) in ranked.items():
         k = indices.shape[1]
         captions = [f"#{int(i)} label {int(y)} {float(s):+.3g}" for i, y, s in zip(indices.flatten(), labels, scores.flatten())]
-        cells = render_examples(inputs, captions, image_shape)
+        cells = render_examples(inputs, captions, image_shape, text)
         columns.append(f"{name}_indices")
         for j in range(k):
             columns += [f"{name}_{j + 1}", f"{name}_{j + 1}_score"]

@@ -254,6 +254,8 @@ def embedding_features(
     ``em``: the outputs of ``layers`` (module names; default every Linear/Conv layer but the last
     linear one), each flattened per example and concatenated, so that ``<h(x), h(x')>`` sums over layers.
     ``ck``: the input of the final linear layer (the penultimate representation).
+    Outputs laid out ``[B, T, ...]`` over token positions have their padded positions (the task's
+    ``mask``, e.g. ``attention_mask``) zeroed, so that padding contributes nothing.
     """
     kind = get_kernel(kind).family
     if kind not in ("em", "ck"):
@@ -273,6 +275,7 @@ def embedding_features(
         return [m for m in model.modules() if isinstance(m, (nn.Linear, *CONV_TYPES)) and m is not last]
 
     targets: list[nn.Module] = []  # fixed by the model: found on the first batch, whose forward pass that costs
+    widths: list[int] = []  # features per example, fixed by the first batch
 
     def featurize_batch(inputs):
         captured: list[torch.Tensor] = []
@@ -291,6 +294,15 @@ def embedding_features(
                     h.remove()
         if not captured:
             raise ValueError("None of the chosen layers ran in the forward pass; check layers=[...].")
-        return torch.cat([h.reshape(h.shape[0], -1) for h in captured], dim=1)
+        features = torch.cat([task.mask_positions(h, inputs).reshape(h.shape[0], -1) for h in captured], dim=1)
+        if not widths:
+            widths.append(features.shape[1])
+        elif features.shape[1] != widths[0]:
+            raise ValueError(
+                f"This batch has {features.shape[1]} {kind} features per example, the first one {widths[0]}: outputs over token "
+                "positions depend on the padded length. Pad every batch to the same length, or choose layers=[...] with one "
+                "output vector per example."
+            )
+        return features
 
     return stream_features(model, data, featurize_batch, task, batch_size)

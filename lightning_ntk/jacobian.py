@@ -122,8 +122,8 @@ def check_logits(output: Any, batch_size: int) -> torch.Tensor:
     """Refuse anything but a ``[B, C]`` floating tensor of logits."""
     if not isinstance(output, torch.Tensor):
         raise TypeError(
-            f"The model returned {type(output).__name__}, not a tensor of logits. Return the [batch, classes] "
-            "logits from forward (e.g. `return out.logits`), or wrap the model so that it does."
+            f"The model's logits are a {type(output).__name__}, not a tensor. Tell the engine where the [batch, classes] "
+            "logits are in the model's output with task=Task(output=<key, attribute, index or callable>)."
         )
     if output.ndim != 2 or output.shape[0] != batch_size or not output.is_floating_point():
         raise ValueError(

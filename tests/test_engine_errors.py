@@ -18,16 +18,16 @@ def test_output_that_is_not_logits():
         ln.exact_kernel(model, torch.randn(5, 4), kind="ck")
 
 
-def test_output_that_is_not_a_tensor():
+def test_output_without_logits_names_where_to_find_them():
     class ReturnsDict(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(4, 2)
 
         def forward(self, x):
-            return {"logits": self.lin(x)}
+            return {"scores": self.lin(x)}
 
-    with pytest.raises(TypeError, match="not a tensor of logits"):
+    with pytest.raises(TypeError, match=r"dict with keys \['scores'\], with no logits at 'logits'.*Task\(output="):
         ln.exact_kernel(ReturnsDict(), torch.randn(3, 4))
 
 

@@ -1,4 +1,4 @@
-"""The surrogate study of Engel et al. (ICLR 2024) on scikit-learn's digits, and on MNIST/CIFAR-10 where present.
+"""The surrogate study of Engel et al. (ICLR 2024) on scikit-learn's digits, a synthetic text task, and on MNIST/CIFAR-10 where present.
 
 For each setup and training seed: train the network (fidelity tracked across epochs by
 :class:`~lightning_ntk.callback.NTKAttributionCallback`), then for every kernel fit the kernel-machine
@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import numpy as np
@@ -26,11 +26,13 @@ from torch import nn
 from ..callback import NTKAttributionCallback
 from ..dashboards import wandb_mode
 from ..demos import Classifier, binary_cnn, binary_mlp, digits_cnn, load_digits_tensors, load_torchvision_pair
+from ..demos.text import TextClassifier, size_order_tensors, size_order_tokenizer, small_bert
 from ..featurize import project_features
 from ..kernels import exact_kernel, kernel_from_features
 from ..metrics import SurrogateFidelity
 from ..registry import get_kernel
 from ..surrogate import fit_from_kernel
+from ..task import Task
 
 FIDELITY_COLUMNS = ("kendall_tau", "tad", "agreement", "miss_overlap", "surrogate_acc", "network_acc")
 
@@ -60,13 +62,14 @@ DEFAULT_KERNELS = (
 )
 
 
-Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Data = tuple[Any, torch.Tensor, Any, torch.Tensor]  # inputs: tensors, or dicts of tensors (token batches)
 
 
 @dataclass(frozen=True)
 class Setup:
-    """A network, its data (``load(seed, data_dir)`` → ``(x_train, y_train, x_test, y_test)``) and its
-    training recipe."""
+    """A network, its data (``load(seed, data_dir)`` → ``(x_train, y_train, x_test, y_test)``), its
+    training recipe (``module``: the LightningModule that trains the network) and the surrogate's L2
+    penalty ``alpha`` (the paper's: 1e-4 for its image models, 1e-2 for BERT)."""
 
     name: str
     make_network: Callable[[], nn.Module]
@@ -75,6 +78,8 @@ class Setup:
     lr: float
     optimizer: str = "sgd"
     batch_size: int = 64
+    module: Callable[..., L.LightningModule] = Classifier
+    alpha: float = 1e-4
 
 
 TORCHVISION_TRAIN_LIMIT = 5000  # training examples kept of MNIST/CIFAR-10, so that exact kernels stay on a laptop
@@ -100,14 +105,27 @@ SETUPS = {
         "CIFAR-10 airplane vs automobile, single-logit CNN", lambda: binary_cnn(3, 32),
         lambda seed, root: load_torchvision_pair("CIFAR10", root, (0, 1), TORCHVISION_TRAIN_LIMIT, seed), epochs=10, lr=1e-3, optimizer="adam",
     ),
+    "order_bert": Setup(
+        # float64: a trained network's saturated attention has gradients so small that float32 rounding would dominate them
+        "word-order text task, 2-layer BERT (needs the text extra)", lambda: small_bert(len(size_order_tokenizer())).double(),
+        lambda seed, root: size_order_tensors(seed=seed), epochs=12, lr=2e-3, optimizer="adamw", batch_size=32, module=TextClassifier,
+        alpha=1e-2,
+    ),
 }
 DEFAULT_SETUPS = ("digits01_mlp", "digits10_cnn", "mnist01_mlp", "cifar2_cnn")  # the paper's setups and their digits analogues
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _logits(model: nn.Module, x) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return model(x)
+        return Task().forward(model, x)
+
+
+def _examples(x, y: torch.Tensor):
+    """A dataset of ``(x, y)`` pairs, or of dicts with ``labels`` for dict inputs (token batches)."""
+    if isinstance(x, dict):
+        return [{**{k: v[i] for k, v in x.items()}, "labels": y[i]} for i in range(len(y))]
+    return torch.utils.data.TensorDataset(x, y)
 
 
 def kernel_pairs(
@@ -188,10 +206,10 @@ def markdown_table(summary: Sequence[dict]) -> str:
 def train_network(setup: Setup, seed: int, data, callbacks: Sequence[L.Callback] = (), root_dir: str | Path = ".") -> Classifier:
     x_train, y_train, x_test, y_test = data
     L.seed_everything(seed, workers=True, verbose=False)
-    model = Classifier(setup.make_network(), lr=setup.lr, optimizer=setup.optimizer)
+    model = setup.module(setup.make_network(), lr=setup.lr, optimizer=setup.optimizer)
     loaders = (
-        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=setup.batch_size, shuffle=True),
-        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_test, y_test), batch_size=256),
+        torch.utils.data.DataLoader(_examples(x_train, y_train), batch_size=setup.batch_size, shuffle=True),
+        torch.utils.data.DataLoader(_examples(x_test, y_test), batch_size=256),
     )
     trainer = L.Trainer(
         max_epochs=setup.epochs, accelerator="cpu", devices=1, logger=False, callbacks=list(callbacks), default_root_dir=str(root_dir),
@@ -221,7 +239,7 @@ def run_seed(setup_key: str, seed: int, kernels: Sequence[KernelChoice], track_e
     for choice in kernels:
         k_train, k_test = pairs[choice.label]
         t0 = time.perf_counter()
-        fidelity = surrogate_fidelity(k_train, k_test, y_train, y_test, network_logits, **fit_options)
+        fidelity = surrogate_fidelity(k_train, k_test, y_train, y_test, network_logits, **{"alpha": setup.alpha, **fit_options})
         rows.append({"setup": setup_key, "seed": seed, "kernel": choice.label, **fidelity, "fit_seconds": time.perf_counter() - t0})
     history = [dict(h.to_dict(), setup=setup_key, seed=seed) for h in tracker.history] if tracker else []
     residuals = kernel_residuals(pairs, kernels)
