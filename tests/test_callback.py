@@ -34,7 +34,7 @@ class DigitsMLP(Classifier):
 
 def small_callback(**options):
     defaults = dict(projection_dim=32, max_train_examples=120, max_query_examples=60, top_k=3, table_examples=4,
-                    surrogate_options={"max_epochs": 3})
+                    surrogate_options={"max_iter": 20})
     return NTKAttributionCallback(**{**defaults, **options})
 
 
