@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import dashboards
 from .attribution import Attribution, attribute
@@ -354,8 +355,9 @@ class NTKAttributionCallback(L.Callback):
             media: list[Any] = []
 
             def evaluate() -> CheckpointRecord:
-                self._last = pipeline.evaluate(CheckpointFeatures.from_arrays(stored), spec, self._last, epoch=epoch,
-                                               step=trainer.global_step, featurize_seconds=seconds, store_reused=reused)
+                with _fit_progress(trainer, self.surrogate_config.max_iter) as progress:
+                    self._last = pipeline.evaluate(CheckpointFeatures.from_arrays(stored), spec, self._last, epoch=epoch, step=trainer.global_step,
+                                                   featurize_seconds=seconds, store_reused=reused, progress=progress)
                 media[:] = [pipeline.fidelity_scores(self._last), self._attribution_table(trainer)]
                 return self._last.record
 
@@ -394,6 +396,24 @@ class NTKAttributionCallback(L.Callback):
             query.indices[positions], query.inputs(positions, self.task), query.labels[positions], *predicted, ranked, self.image_shape,
             self.task.text,
         )
+
+
+@contextlib.contextmanager
+def _fit_progress(trainer: L.Trainer, max_iter: int) -> Iterator[Callable[[int, float], None] | None]:
+    """A progress bar for the surrogate's solver, below the trainer's own (none when it has none)."""
+    if trainer.progress_bar_callback is None:
+        yield None
+        return
+    bar = tqdm(total=max_iter, desc="NTK surrogate fit", leave=False, unit="it")
+
+    def update(iteration: int, objective: float) -> None:
+        bar.update(iteration - bar.n)
+        bar.set_postfix(objective=f"{objective:.4g}", refresh=False)
+
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 def _is_inputs_and_labels(batch: list[torch.Tensor]) -> bool:

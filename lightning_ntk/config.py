@@ -88,14 +88,15 @@ class SubsetConfig(_Options):
 @dataclass(frozen=True)
 class SurrogateConfig(_Options):
     """The kernel-machine surrogate: L2 penalty ``alpha`` on the mean loss, the ``formulation``
-    (``"multinomial"`` softmax, or the paper's class-balanced one-vs-rest ``"ovr"``), the solver's
-    iteration cap and relative tolerance, and whether each checkpoint starts from the previous one's
-    solution (consecutive checkpoints' problems are close)."""
+    (``"multinomial"`` softmax, or the paper's class-balanced one-vs-rest ``"ovr"``), the solver's cap
+    on Newton steps and its tolerance on the estimated relative distance to the optimal objective, and
+    whether each checkpoint starts from the previous one's solution (consecutive checkpoints' problems
+    are close)."""
 
     alpha: float = 1e-4
     formulation: str = "multinomial"
-    max_iter: int = 500
-    tolerance: float = 1e-6
+    max_iter: int = 100
+    tolerance: float = 1e-9
     warm_start: bool = True
 
     def __post_init__(self) -> None:

@@ -347,12 +347,15 @@ class FidelityPipeline:
         }
 
     # -- fit, score --------------------------------------------------------------------------------
-    def fit(self, features: CheckpointFeatures, num_outputs: int, init: KernelSurrogate | None = None) -> KernelSurrogate:
+    def fit(
+        self, features: CheckpointFeatures, num_outputs: int, init: KernelSurrogate | None = None, progress: Callable[[int, float], None] | None = None
+    ) -> KernelSurrogate:
         """The surrogate fitted on the reference features: on the ``N×N`` kernel when it fits the
-        memory budget, else streamed from the features. ``init``: a previous solution to start from."""
+        memory budget, else streamed from the features. ``init``: a previous solution to start from;
+        ``progress(iteration, objective)`` is called at every solver iterate."""
         reference, labels = features.reference_features, features.reference_labels
         options = dict(num_outputs=num_outputs, alpha=self.surrogate.alpha, formulation=self.surrogate.formulation,
-                       max_iter=self.surrogate.max_iter, tolerance=self.surrogate.tolerance)
+                       max_iter=self.surrogate.max_iter, tolerance=self.surrogate.tolerance, progress=progress)
         if init is not None and self.surrogate.warm_start:
             options["init"] = init
         if len(reference) ** 2 * 4 <= self.memory_budget:
@@ -378,13 +381,14 @@ class FidelityPipeline:
         step: int | None = None,
         featurize_seconds: float = 0.0,
         store_reused: bool = False,
+        progress: Callable[[int, float], None] | None = None,
     ) -> Checkpoint:
         """Fit and score: the checkpoint with its record. ``init``: the previous checkpoint, whose
         surrogate starts the fit when it has the same shape."""
         started = time.perf_counter()
         num_outputs = int(features.query_logits.shape[1])
         previous = init.surrogate if init is not None and init.surrogate.weight.shape == (num_outputs, len(features.reference_labels)) else None
-        surrogate = self.fit(features, num_outputs, previous)
+        surrogate = self.fit(features, num_outputs, previous, progress)
         fitted = time.perf_counter()
         fidelity, rows, surrogate_logits = self.score(surrogate, features)
         warning = _fidelity_warning(features, surrogate_logits, fidelity)
@@ -393,7 +397,7 @@ class FidelityPipeline:
         record = CheckpointRecord(
             epoch=epoch, step=step, **fidelity, num_train=len(features.reference_labels), num_query=len(features.query_labels),
             featurize_seconds=featurize_seconds, fit_seconds=fitted - started, score_seconds=time.perf_counter() - fitted,
-            fit_iterations=int(surrogate.fit_record.get("iterations", len(surrogate.history))), surrogate_converged=bool(surrogate.converged),
+            fit_iterations=int(surrogate.fit_record["iterations"]), surrogate_converged=surrogate.converged,
             store_reused=store_reused, parameters=spec.parameters, warning=warning,
         )
         return Checkpoint(record, surrogate, features, spec, rows, surrogate_logits)

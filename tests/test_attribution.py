@@ -19,7 +19,7 @@ def setup(outputs=3):
 
 def test_contributions_plus_bias_equal_the_logit():
     train, test, y = setup()
-    surrogate = fit_from_features(train, y, max_epochs=5)
+    surrogate = fit_from_features(train, y)
     result = attribute(surrogate, query_features=test, top_k=4, block_size=16, return_contributions=True)
     chosen = result.logits.gather(1, result.target[:, None])[:, 0]
     torch.testing.assert_close(result.contributions.sum(1) + surrogate.bias.detach()[result.target], chosen, atol=1e-5, rtol=1e-5)
@@ -37,7 +37,7 @@ def test_contributions_plus_bias_equal_the_logit():
 
 def test_single_logit_contributions_are_signed_towards_the_target():
     train, test, y = setup(outputs=1)
-    surrogate = fit_from_kernel(ln.kernel_from_features(train), y, num_outputs=1, max_epochs=5)
+    surrogate = fit_from_kernel(ln.kernel_from_features(train), y, num_outputs=1)
     kernel = ln.kernel_from_features(test, train)
     target = torch.tensor([0, 1] * 4 + [0])
     result = attribute(surrogate, query_kernel=kernel, target=target, top_k=3, return_contributions=True)
