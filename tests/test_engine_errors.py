@@ -76,7 +76,7 @@ def test_unsupported_batch_type():
 
 
 def test_unknown_kind_and_projector():
-    with pytest.raises(ValueError, match="Unknown kernel kind"):
+    with pytest.raises(ValueError, match="Unknown kernel .rbf.; choose one of proj_trntk"):
         ln.exact_kernel(mlp(), torch.randn(3, 6), kind="rbf")
     with pytest.raises(ValueError, match="Unknown projector"):
         ln.project_features(mlp(), torch.randn(3, 6), projector="sparse")
