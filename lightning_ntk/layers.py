@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -249,7 +250,7 @@ class _Call:
     position: int
     input: torch.Tensor
     version: int  # of the input when the module ran: a later in-place change makes the signal wrong
-    output: torch.Tensor
+    output_bytes: int
 
 
 class _AllClasses(torch.autograd.Function):
@@ -305,9 +306,10 @@ def _autograd_on(params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
             p.requires_grad_(False)
 
 
-def _reached_around(root, calls: list[_Call], params: dict[str, nn.Parameter]) -> set[str]:
+def _reached_around(root, outputs: dict[str, set], blocks: list[Block], params: dict[str, nn.Parameter]) -> set[str]:
     """The blocks whose parameters the autograd graph from ``root`` reaches other than through the
-    block's outputs: parameters also used outside the module's forward (e.g. tied weights)."""
+    block's outputs (``outputs``: the autograd nodes of each block's outputs, by name): parameters also
+    used outside the module's forward (e.g. tied weights)."""
     parents: dict[Any, list] = {root: []}
     accumulators: dict[int, Any] = {}
     stack = [root]
@@ -324,8 +326,8 @@ def _reached_around(root, calls: list[_Call], params: dict[str, nn.Parameter]) -
                     accumulators[id(variable)] = child
             parents[child].append(node)
     around = set()
-    for blk in {call.block.name: call.block for call in calls}.values():
-        outputs = {call.output.grad_fn for call in calls if call.block is blk}
+    for blk in blocks:
+        stops = outputs.get(blk.name, set())
         frontier = [accumulators[id(params[n])] for n in blk.params if id(params[n]) in accumulators]
         seen = set(frontier)
         while frontier and blk.name not in around:
@@ -333,7 +335,7 @@ def _reached_around(root, calls: list[_Call], params: dict[str, nn.Parameter]) -
             if node is root:
                 around.add(blk.name)
             for parent in parents[node]:
-                if parent not in outputs and parent not in seen:
+                if parent not in stops and parent not in seen:
                     seen.add(parent)
                     frontier.append(parent)
     return around
@@ -404,8 +406,14 @@ class LayerGradients:
         signals = []
         if self.blocks:
             with eval_mode(self.model), _autograd_on():
-                logits, calls = self._forward(differentiable(inputs), lambda call: call.output.clone())
-                grads = self._backward(logits, [call.output for call in calls], summed, calls)
+                outputs: list[torch.Tensor] = []
+
+                def keep(call: _Call, output: torch.Tensor) -> torch.Tensor:
+                    outputs.append(output)
+                    return output.clone()
+
+                logits, calls = self._forward(differentiable(inputs), keep)
+                grads = self._backward(logits, outputs, summed, calls)
             classes = 1 if summed else logits.shape[1]
             for blk in self.blocks:
                 mine = [(call, g) for call, g in zip(calls, grads) if call.block is blk]
@@ -440,20 +448,18 @@ class LayerGradients:
             sink = torch.zeros(n, projector.projection_dim, device=param.device,
                                dtype=torch.promote_types(param.dtype, torch.float32), requires_grad=True)
 
-            def tap(call: _Call) -> torch.Tensor:
+            def tap(call: _Call, output: torch.Tensor) -> torch.Tensor:
                 prepared = []  # the input side, prepared once for all classes
 
                 def sketch(x: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
                     with torch.autocast(x.device.type, enabled=False):
                         if not prepared:
-                            a = _layer_inputs(call.block, x)
                             dtype = torch.promote_types(grads.dtype, torch.float32)
-                            prepared.extend((a, projector.prepare(call.position, call.block, a, dtype)))
-                        a, ready = prepared
-                        features = projector.sketch(call.position, call.block, a, _layer_grads(call.block, grads, a), ready)
+                            prepared.append(projector.prepare(call.position, call.block, _layer_inputs(call.block, x), dtype))
+                        features = projector.sketch(call.position, call.block, None, _layer_grads(call.block, grads, prepared[0]), prepared[0])
                     return features.to(sink.device, sink.dtype)
 
-                return _Tap.apply(call.output, call.input.detach(), sink, sketch)
+                return _Tap.apply(output, call.input.detach(), sink, sketch)
 
             with eval_mode(self.model), _autograd_on():
                 logits, calls = self._forward(differentiable(inputs), tap)
@@ -469,16 +475,16 @@ class LayerGradients:
             features = flat if features is None else features + flat.to(features.dtype)
         return features
 
-    def _forward(self, inputs: Any, output_of: Callable[[_Call], torch.Tensor]) -> tuple[torch.Tensor, list[_Call]]:
+    def _forward(self, inputs: Any, output_of: Callable[[_Call, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, list[_Call]]:
         """Run the model with a hook on every block that records each call and replaces the call's
-        output by ``output_of(call)``; refuse inputs changed in place after a layer used them."""
+        output by ``output_of(call, output)``; refuse inputs changed in place after a layer used them."""
         index = {id(blk.module): (position, blk) for position, blk in enumerate(self.blocks)}
         calls: list[_Call] = []
 
         def hook(module, args, output):
             position, blk = index[id(module)]
-            calls.append(_Call(blk, position, args[0], args[0]._version, output))
-            return output_of(calls[-1])
+            calls.append(_Call(blk, position, args[0], args[0]._version, output.numel() * output.element_size()))
+            return output_of(calls[-1], output)
 
         handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
         try:
@@ -518,7 +524,7 @@ class LayerGradients:
         batched = self.batch_classes if self.batch_classes is not None else logits.device.type != "cpu"
         if not batched or len(seeds) == 1:
             return loop(seeds)
-        largest = max(call.output.numel() * call.output.element_size() for call in calls)
+        largest = max(call.output_bytes for call in calls)
         size = max(1, self.memory_budget // largest)
         parts = []
         for group in seeds.split(size):
@@ -541,16 +547,19 @@ class LayerGradients:
             return
         self._checked = True
         one = differentiable(slice_inputs(inputs, 0, 1))
+        two = tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) else t, one)
         index = {id(blk.module): blk for blk in self.blocks}
         wrong_batch: set[str] = set()
-        counts = []
+        runs: list[Counter] = []
         with eval_mode(self.model), _autograd_on(self.params.values()):
-            for n, sample in ((1, one), (2, tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) else t, one))):
-                calls: list[_Call] = []
+            for n, sample in ((1, one), (2, two)):
+                calls: Counter = Counter()
+                outputs: dict[str, set] = {}  # the autograd nodes of each block's outputs
 
                 def hook(module, args, output):
                     blk = index[id(module)]
-                    calls.append(_Call(blk, 0, args[0], 0, output))
+                    calls[blk.name] += 1
+                    outputs.setdefault(blk.name, set()).add(output.grad_fn)
                     if args[0].shape[:1] != (n,) or output.shape[:1] != (n,):
                         wrong_batch.add(blk.name)
 
@@ -560,10 +569,9 @@ class LayerGradients:
                 finally:
                     for h in handles:
                         h.remove()
-                counts.append(sorted(call.block.name for call in calls))
-            around = _reached_around(logits.grad_fn, calls, self.params) if logits.grad_fn is not None else set()
-        if counts[0] != counts[1]:
-            wrong_batch |= set(counts[0]) ^ set(counts[1])
+                runs.append(calls)
+            around = _reached_around(logits.grad_fn, outputs, self.blocks, self.params) if logits.grad_fn is not None else set()
+        wrong_batch |= {name for name in runs[0] | runs[1] if runs[0][name] != runs[1][name]}
         if wrong_batch:
             self._fall_back([blk.name for blk in self.blocks if blk.name in wrong_batch],
                             "does not hold the batch in the first dimension of its input and output")
