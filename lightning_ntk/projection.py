@@ -143,9 +143,14 @@ def _fold(x: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Ten
     return out
 
 
+def _columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[..., index]``, gathered as a matrix (much faster than along the last of several dimensions)."""
+    return x.reshape(-1, x.shape[-1]).index_select(1, index).view(*x.shape[:-1], len(index))
+
+
 def _hash_row(g: torch.Tensor, h: BlockHash, k: int) -> torch.Tensor:
     """The count-sketch ``[..., K]`` of gradients with one row, ``[..., cols]``, formed as they are."""
-    return torch.roll(_fold(g.index_select(-1, h.col_index) * (h.col_sign * h.row_sign), k), h.offset, -1)
+    return torch.roll(_fold(_columns(g, h.col_index).mul_(h.col_sign * h.row_sign), k), h.offset, -1)
 
 
 class SketchProjector:
@@ -233,7 +238,7 @@ class SketchProjector:
         if inputs is None or block.kind != "outer":
             return inputs
         h = self.block_hash(position, block, inputs.device, dtype)
-        a = inputs.to(dtype).index_select(-1, h.col_index).mul_(h.col_sign)
+        a = _columns(inputs.to(dtype), h.col_index).mul_(h.col_sign)
         return torch.fft.rfft(_fold(a, self.projection_dim)) if self.prefers_fft(block, a.shape[1]) else a
 
     def sketch(self, position: int, block, inputs: torch.Tensor | None, grads: torch.Tensor, prepared: torch.Tensor | None = None) -> torch.Tensor:
@@ -262,16 +267,22 @@ class SketchProjector:
         k, g, rows = self.projection_dim, block.groups, block.rows
         classes, n, t = d.shape[:3]
         step = self._examples_per_piece(classes * block.size, d.element_size(), d.device)
+        sign_first = t < block.cols  # sign the rows of d (T·rows) rather than those of the matrix (rows·cols)
         folded = d.new_empty(n, classes, k)
         for s in range(0, n, step):
             ds, as_ = d[:, s : s + step], a[s : s + step]
             b = ds.shape[1]
-            if g == 1:  # the classes stacked as rows of one matrix product per example, signed on the way
-                lhs = torch.mul(ds.permute(1, 0, 3, 2), h.row_sign[:, None], out=d.new_empty(b, classes, rows, t))
-                m = torch.bmm(lhs.view(b, classes * rows, t), as_[:, :, 0])
+            if g == 1:  # the classes stacked as rows of one matrix product per example
+                lhs = ds.permute(1, 0, 3, 2)
+                if sign_first:
+                    lhs = torch.mul(lhs, h.row_sign[:, None], out=d.new_empty(lhs.shape))
+                m = torch.bmm(lhs.reshape(b, classes * rows, t), as_[:, :, 0]).view(b, classes, rows, block.cols)
             else:
-                m = torch.einsum("cbtgo,btgi->bcgoi", (ds * h.row_sign).unflatten(-1, (g, -1)), as_)
-            _fold(m.reshape(b, classes, rows * block.cols), k, folded[s : s + step])
+                ds = ds * h.row_sign if sign_first else ds
+                m = torch.einsum("cbtgo,btgi->bcgoi", ds.unflatten(-1, (g, -1)), as_).reshape(b, classes, rows, block.cols)
+            if not sign_first:
+                m.mul_(h.row_sign[:, None])
+            _fold(m.view(b, classes, rows * block.cols), k, folded[s : s + step])
         return torch.roll(folded, h.offset, -1).transpose(0, 1)
 
     def _outer_spectrum(self, block, h: BlockHash, a_hat: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -293,7 +304,7 @@ class SketchProjector:
     def _embedding(self, block, h: BlockHash, tokens: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """``d`` ``[C, B, T, cols]``: scatter each token's gradient row into its buckets."""
         k = self.projection_dim
-        signed = d.index_select(-1, h.col_index).mul_(h.col_sign).mul_(h.row_sign[tokens][..., None])
+        signed = _columns(d, h.col_index).mul_(h.col_sign).mul_(h.row_sign[tokens][..., None])
         buckets = (h.offset + tokens[..., None] * block.cols + torch.arange(block.cols, device=d.device)) % k
         out = d.new_zeros(*d.shape[:2], k)
         return out.scatter_add_(-1, buckets.flatten(1).expand(d.shape[0], -1, -1), signed.flatten(2))
