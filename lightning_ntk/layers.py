@@ -130,9 +130,11 @@ def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list
 
 
 def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: bool) -> torch.Tensor:
-    """The inputs ``a`` of a Linear/ConvNd layer: ``[B, T, groups, cols]``, the bias column (ones) last."""
+    """The inputs ``a`` of a Linear/ConvNd layer: ``[B, T, groups, cols]``, the bias column (ones) last,
+    copied once from the input."""
     if isinstance(module, nn.Linear):
-        view = x.reshape(x.shape[0], -1, 1, x.shape[-1])
+        positions, groups, patch = x.reshape(x.shape[0], -1, x.shape[-1]).shape[1], 1, (x.shape[-1],)
+        source = x.reshape(x.shape[0], positions, 1, x.shape[-1])
     else:
         dims = x.ndim - 2
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -140,21 +142,22 @@ def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: b
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
         x = x.contiguous()
         b, c = x.shape[:2]
-        g = module.groups
+        groups = module.groups
         k, s, d = module.kernel_size, module.stride, module.dilation
         out = [(x.shape[2 + i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(dims)]
         st = x.stride()
-        view = x.as_strided(
-            (b, *out, g, c // g, *k),
-            (st[0], *(s[i] * st[2 + i] for i in range(dims)), (c // g) * st[1], st[1], *(d[i] * st[2 + i] for i in range(dims))),
-        ).reshape(b, math.prod(out), g, -1)
-    if not with_weight:
-        view = view[..., :0]
-    if not with_bias:
-        return view
-    a = view.new_empty(*view.shape[:-1], view.shape[-1] + 1)
-    a[..., :-1] = view
-    a[..., -1] = 1
+        patch = (c // groups, *k)
+        source = x.as_strided(
+            (b, *out, groups, *patch),
+            (st[0], *(s[i] * st[2 + i] for i in range(dims)), (c // groups) * st[1], st[1], *(d[i] * st[2 + i] for i in range(dims))),
+        )
+        positions = math.prod(out)
+    cols = math.prod(patch) if with_weight else 0
+    a = x.new_empty(x.shape[0], positions, groups, cols + with_bias)
+    if with_weight:
+        a[..., :cols].view(source.shape).copy_(source)
+    if with_bias:
+        a[..., -1] = 1
     return a
 
 
@@ -254,8 +257,8 @@ class _Call:
 
 
 class _AllClasses(torch.autograd.Function):
-    """``fn(layer_input, grads)`` with the classes of the gradients as a leading dimension. Inside the
-    backward pass vmapped over classes, the vmap rule hands all classes over at once, so that ``fn``
+    """``fn(layer_input, grads)`` with the classes of the gradients as a leading dimension, inside the
+    backward pass vmapped over classes: the vmap rule hands all classes over at once, so that ``fn``
     batches them itself (e.g. as rows of one matrix product) instead of vmap's rules doing it."""
 
     generate_vmap_rule = False
@@ -288,7 +291,7 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (layer_input,) = ctx.saved_tensors
-        return grad, None, _AllClasses.apply(grad, layer_input, ctx.fn), None
+        return grad, None, ctx.fn(layer_input, grad), None
 
 
 @contextlib.contextmanager
@@ -377,7 +380,8 @@ class LayerGradients:
         self.fallback_modules: list[str] = []
         self._fall_back(fallback, "is not supported by the structured path")
         self._checked = False
-        self._vmap_backward = True
+        self._vmap_backward = True  # until an operation turns out to have no batching rule
+        self._vmapping = False  # whether the backward pass running is vmapped over classes
 
     def _fall_back(self, modules: list[str], reason: str) -> None:
         """Send ``modules`` to the generic path (with a warning that names them and says why)."""
@@ -459,7 +463,12 @@ class LayerGradients:
                         features = projector.sketch(call.position, call.block, None, _layer_grads(call.block, grads, prepared[0]), prepared[0])
                     return features.to(sink.device, sink.dtype)
 
-                return _Tap.apply(output, call.input.detach(), sink, sketch)
+                def backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+                    if self._vmapping:
+                        return _AllClasses.apply(grad, x, sketch)
+                    return sketch(x, grad.unsqueeze(0)).squeeze(0)
+
+                return _Tap.apply(output, call.input.detach(), sink, backward)
 
             with eval_mode(self.model), _autograd_on():
                 logits, calls = self._forward(differentiable(inputs), tap)
@@ -529,11 +538,14 @@ class LayerGradients:
         parts = []
         for group in seeds.split(size):
             if self._vmap_backward:
+                self._vmapping = True
                 try:
                     parts.append(vmap(backward)(group))
                     continue
                 except RuntimeError:
                     self._vmap_backward = False
+                finally:
+                    self._vmapping = False
             parts.append(loop(group))
         return [torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts)]
 
