@@ -151,18 +151,27 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def seconds(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> tuple[float, int]:
-    """Best wall time of ``repeats`` calls (after a warm-up call), and the peak RSS meanwhile."""
+def _elapsed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def seconds(fn: Callable[[], object], repeats: int, warm_up: bool = True, beside: Callable[[], object] | None = None) -> tuple[float, int, float]:
+    """Best wall time of ``repeats`` calls (after a warm-up call) and the peak RSS of the first ones;
+    with ``beside``, also the best time of a call of it before each further call, so that a ratio of
+    the two is not skewed by other work on the machine (both are timed in the same moments)."""
     release_memory()
     with PeakRSS() as rss:
         if warm_up:
             fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return min(times), rss.peak
+        times = [_elapsed(fn)]
+    times_beside = [float("inf")]
+    for _ in range(repeats - 1):
+        if beside is not None:
+            times_beside.append(_elapsed(beside))
+        times.append(_elapsed(fn))
+    return min(times), rss.peak, min(times_beside)
 
 
 def floor(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -276,22 +285,23 @@ def featurization_rows(setup: Setup, ks: tuple[int, ...], repeats: int, seeds: i
     num_params = sum(p.numel() for p in model.parameters())
     base = dict(model=setup.name, P=num_params)
     run_floor = floor(model, x)
-    t_floor, rss = seconds(run_floor, repeats)
+    t_floor, rss, _ = seconds(run_floor, repeats)
     rows = [dict(base, K="—", method="floor", rss=rss)]
-    t, rss = seconds(outputs_only(model, x), repeats)
+    t, rss, t_beside = seconds(outputs_only(model, x), repeats, beside=run_floor)
+    t_floor = min(t_floor, t_beside)
     rows.append(dict(base, K="—", method="outputs only", rate=setup.batch / t, rss=rss))
     for k in ks:
         sketch = ln.Featurizer(model, projection_dim=k, projector="sketch")
-        t, rss = seconds(lambda: sketch.featurize_batch(x), repeats)
-        t_floor = min(t_floor, seconds(run_floor, 1, warm_up=False)[0])  # the floor again, beside each row
+        t, rss, t_beside = seconds(lambda: sketch.featurize_batch(x), repeats, beside=run_floor)
+        t_floor = min(t_floor, t_beside)
         rows.append(dict(base, K=k, method="sketch", rate=setup.batch / t, rss=rss))
         if setup.baselines:
             dense = ln.Featurizer(model, projection_dim=k, projector="gaussian", memory_budget=DENSE_CACHE)
             cached = num_params * k * 4 <= DENSE_CACHE  # a warm-up batch then builds the cache
-            t, rss = seconds(lambda: dense.featurize_batch(x), 1, warm_up=cached)
+            t, rss, _ = seconds(lambda: dense.featurize_batch(x), 1, warm_up=cached)
             rows.append(dict(base, K=k, method="dense", rate=setup.batch / t, rss=rss))
             del dense
-            t, rss = seconds(trak_one_class(model, x, k), 1, warm_up=False)
+            t, rss, _ = seconds(trak_one_class(model, x, k), 1, warm_up=False)
             rows.append(dict(base, K=k, method="TRAK", rate=setup.batch / (t * CLASSES), rss=rss))
     rows[0]["rate"] = setup.batch / t_floor
     release_memory()
@@ -335,9 +345,8 @@ def block_assembly(n: int, k: int, repeats: int) -> dict:
     """Kernel row blocks (normalised, block by block) against one matmul of the same shapes."""
     a = torch.randn(n, CLASSES, k)
     b = torch.randn(n, CLASSES, k)
-    t_blocks, _ = seconds(lambda: ln.kernel_from_features(a, b), repeats)
     flat_a, flat_b = a.flatten(1), b.flatten(1)
-    t_matmul, _ = seconds(lambda: flat_a @ flat_b.T, repeats)
+    t_blocks, _, t_matmul = seconds(lambda: ln.kernel_from_features(a, b), repeats, beside=lambda: flat_a @ flat_b.T)
     return dict(n=n, k=k, blocks=t_blocks, matmul=t_matmul)
 
 
@@ -376,7 +385,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     quick = args.quick
     ks = (512, 2048) if quick else (512, 2048, 10240)
-    repeats = args.repeats or (2 if quick else 4)
+    repeats = args.repeats or (5 if quick else 6)
     seeds = 2 if quick else 4
     setups = {
         "spec_cnn": Setup("SPEC CNN", spec_cnn, (3, 32, 32), 32, 40, True),

@@ -131,31 +131,34 @@ def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list
 
 def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: bool) -> torch.Tensor:
     """The inputs ``a`` of a Linear/ConvNd layer: ``[B, T, groups, cols]``, the bias column (ones) last,
-    copied once from the input."""
+    copied once from the input. A convolution's are laid out positions-last in memory (``[B, groups,
+    cols, T]``), the order in which they are read from the input fastest."""
+    b = x.shape[0]
     if isinstance(module, nn.Linear):
-        positions, groups, patch = x.reshape(x.shape[0], -1, x.shape[-1]).shape[1], 1, (x.shape[-1],)
-        source = x.reshape(x.shape[0], positions, 1, x.shape[-1])
+        source = x.reshape(b, -1, 1, x.shape[-1])
+        cols = x.shape[-1] if with_weight else 0
+        a = x.new_empty(b, source.shape[1], 1, cols + with_bias)
+        if with_weight:
+            a[..., :cols] = source
     else:
         dims = x.ndim - 2
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         if any(module._reversed_padding_repeated_twice):
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
         x = x.contiguous()
-        b, c = x.shape[:2]
-        groups = module.groups
+        c, g = x.shape[1], module.groups
         k, s, d = module.kernel_size, module.stride, module.dilation
         out = [(x.shape[2 + i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(dims)]
         st = x.stride()
-        patch = (c // groups, *k)
         source = x.as_strided(
-            (b, *out, groups, *patch),
-            (st[0], *(s[i] * st[2 + i] for i in range(dims)), (c // groups) * st[1], st[1], *(d[i] * st[2 + i] for i in range(dims))),
+            (b, g, c // g, *k, *out),
+            (st[0], (c // g) * st[1], st[1], *(d[i] * st[2 + i] for i in range(dims)), *(s[i] * st[2 + i] for i in range(dims))),
         )
-        positions = math.prod(out)
-    cols = math.prod(patch) if with_weight else 0
-    a = x.new_empty(x.shape[0], positions, groups, cols + with_bias)
-    if with_weight:
-        a[..., :cols].view(source.shape).copy_(source)
+        cols = (c // g) * math.prod(k) if with_weight else 0
+        a = x.new_empty(b, g, cols + with_bias, math.prod(out))
+        if with_weight:
+            a[:, :, :cols].view(source.shape).copy_(source)
+        a = a.permute(0, 3, 1, 2)
     if with_bias:
         a[..., -1] = 1
     return a

@@ -148,6 +148,16 @@ def _columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(1, index).view(*x.shape[:-1], len(index))
 
 
+def _signed_columns(a: torch.Tensor, h: BlockHash) -> torch.Tensor:
+    """``ã``: the inputs ``[B, T, groups, cols]`` with their columns permuted and signed, laid out
+    columns-last; inputs laid out positions-last (convolutions' patches) are gathered in that layout."""
+    positions_last = a.permute(0, 2, 3, 1)
+    if not positions_last.is_contiguous():
+        return _columns(a, h.col_index).mul_(h.col_sign)
+    gathered = positions_last.index_select(2, h.col_index).permute(0, 3, 1, 2)
+    return a.new_empty(a.shape).copy_(gathered).mul_(h.col_sign)
+
+
 def _hash_row(g: torch.Tensor, h: BlockHash, k: int) -> torch.Tensor:
     """The count-sketch ``[..., K]`` of gradients with one row, ``[..., cols]``, formed as they are."""
     return torch.roll(_fold(_columns(g, h.col_index).mul_(h.col_sign * h.row_sign), k), h.offset, -1)
@@ -238,7 +248,7 @@ class SketchProjector:
         if inputs is None or block.kind != "outer":
             return inputs
         h = self.block_hash(position, block, inputs.device, dtype)
-        a = _columns(inputs.to(dtype), h.col_index).mul_(h.col_sign)
+        a = _signed_columns(inputs.to(dtype), h)
         return torch.fft.rfft(_fold(a, self.projection_dim)) if self.prefers_fft(block, a.shape[1]) else a
 
     def sketch(self, position: int, block, inputs: torch.Tensor | None, grads: torch.Tensor, prepared: torch.Tensor | None = None) -> torch.Tensor:
