@@ -19,10 +19,17 @@ cosine-normalised kernel against the exact trNTK, off the diagonal, on a fixed s
 over seeds. Networks are at their (seeded) initialisation and inputs are Gaussian: the speed does not
 depend on the values, and the error is measured against the exact kernel of the same network.
 
-Two more measurements follow the table: the exact trNTK of 1,000 × 1,000 scikit-learn digits for a
-digits MLP, factored against the vmap path, and kernel row-block assembly against one ``torch.matmul``.
+- ``outputs only``: one forward pass and C backward passes to the outputs of the layers with
+  parameters, without weight gradients: what the sketch's backward passes cost before any sketching.
 
-Usage: ``python benchmarks/featurize_speed.py [--quick] [--threads N]`` (``make bench``).
+Then the operations dispatched per batch (aten operations, each at least one kernel launch on a
+GPU) by the floor and the sketch at 10 and 100 classes, the sketch both as it runs on the CPU (one
+backward pass per class) and as on a GPU (classes batched in one backward pass, large pieces).
+
+Two more measurements follow: the exact trNTK of 1,000 × 1,000 scikit-learn digits for a digits MLP,
+factored against the vmap path, and kernel row-block assembly against one ``torch.matmul``.
+
+Usage: ``python benchmarks/featurize_speed.py [--quick] [--threads N] [--models NAME,...]`` (``make bench``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import os
 import statistics
 import sys
 import threading
@@ -37,10 +45,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import psutil
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_ntk as ln
 from lightning_ntk.datasets import load_digits_tensors
@@ -52,18 +60,18 @@ DENSE_CACHE = 4 << 30  # bytes of the dense projection matrix kept between batch
 # -- models -------------------------------------------------------------------------------------------
 
 
-def spec_cnn() -> nn.Module:
-    """3 conv + 2 linear layers on 3×32×32 inputs, 188,810 parameters."""
+def spec_cnn(classes: int = CLASSES) -> nn.Module:
+    """3 conv + 2 linear layers on 3×32×32 inputs, 188,810 parameters (10 classes)."""
     return nn.Sequential(
         nn.Conv2d(3, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(),
-        nn.Linear(1024, 128), nn.ReLU(), nn.Linear(128, CLASSES),
+        nn.Linear(1024, 128), nn.ReLU(), nn.Linear(128, classes),
     )
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, CLASSES))
+def mlp(classes: int = CLASSES) -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, classes))
 
 
 class BasicBlock(nn.Module):
@@ -83,17 +91,18 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 for 32×32 inputs: a 3×3 stem without max-pooling, four stages of two basic blocks."""
+    """ResNet-18 for 32×32 inputs: a 3×3 stem without max-pooling, four stages of two basic blocks
+    (``width`` channels in the first stage, 64 in the standard network)."""
 
-    def __init__(self, classes: int = CLASSES):
+    def __init__(self, classes: int = CLASSES, width: int = 64):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
-        stages, inputs = [], 64
-        for outputs, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        stages, inputs = [], width
+        for outputs, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
             stages += [BasicBlock(inputs, outputs, stride), BasicBlock(outputs, outputs, 1)]
             inputs = outputs
         self.stages = nn.Sequential(*stages)
-        self.fc = nn.Linear(512, classes)
+        self.fc = nn.Linear(8 * width, classes)
 
     def forward(self, x):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1))
@@ -116,6 +125,8 @@ class PeakRSS:
     """The largest resident set size of this process while the block runs, sampled every 2 ms."""
 
     def __enter__(self):
+        import psutil
+
         self._process = psutil.Process()
         self.peak = self._process.memory_info().rss
         self._stop = threading.Event()
@@ -140,18 +151,27 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def seconds(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> tuple[float, int]:
-    """Best wall time of ``repeats`` calls (after a warm-up call), and the peak RSS meanwhile."""
+def _elapsed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def seconds(fn: Callable[[], object], repeats: int, warm_up: bool = True, beside: Callable[[], object] | None = None) -> tuple[float, int, float]:
+    """Best wall time of ``repeats`` calls (after a warm-up call) and the peak RSS of the first ones;
+    with ``beside``, also the best time of a call of it before each further call, so that a ratio of
+    the two is not skewed by other work on the machine (both are timed in the same moments)."""
     release_memory()
     with PeakRSS() as rss:
         if warm_up:
             fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return min(times), rss.peak
+        times = [_elapsed(fn)]
+    times_beside = [float("inf")]
+    for _ in range(repeats - 1):
+        if beside is not None:
+            times_beside.append(_elapsed(beside))
+        times.append(_elapsed(fn))
+    return min(times), rss.peak, min(times_beside)
 
 
 def floor(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -163,6 +183,72 @@ def floor(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
             torch.autograd.grad(logits[:, c].sum(), params, retain_graph=c + 1 < logits.shape[1])
 
     return run
+
+
+def outputs_only(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One forward pass and one backward pass per class to the outputs of the modules with parameters,
+    without weight gradients: the backward passes of the sketch, before any sketching."""
+    modules = [m for m in model.modules() if m._parameters]
+
+    def run():
+        outputs = []
+        handles = [m.register_forward_hook(lambda mod, args, out: outputs.append(out)) for m in modules]
+        try:
+            logits = model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        for c in range(logits.shape[1]):
+            torch.autograd.grad(logits[:, c].sum(), outputs, retain_graph=c + 1 < logits.shape[1])
+
+    return run
+
+
+class OperationCount(TorchDispatchMode):
+    """Counts the aten operations dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations(fn: Callable[[], object]) -> int:
+    """Operations of one call of ``fn``, after a warm-up call."""
+    fn()
+    with OperationCount() as counter:
+        fn()
+    return counter.count
+
+
+def operation_rows(setup: "Setup", batch: int, k: int) -> list[dict]:
+    """Operations per batch of the floor and of the sketch at 10 and 100 classes; the sketch as it runs
+    on the CPU and, where this version of the library can, as on a GPU (classes batched, large pieces)."""
+    rows = []
+    for classes in (10, 100):
+        torch.manual_seed(0)
+        model = setup.make(classes).eval()
+        x = torch.randn(batch, *setup.input_shape)
+        row = dict(model=setup.name, classes=classes, floor=operations(floor(model, x)))
+        featurizer = ln.Featurizer(model, projection_dim=k, projector="sketch")
+        row["sketch"] = operations(lambda: featurizer.featurize_batch(x))
+        if hasattr(featurizer.gradients, "batch_classes"):
+            featurizer.gradients.batch_classes = True
+            featurizer.projector.piece_bytes = 1 << 28
+            row["batched"] = operations(lambda: featurizer.featurize_batch(x))
+        rows.append(row)
+    return rows
+
+
+def print_operations(rows: list[dict]) -> None:
+    print("| model | classes | floor | sketch, one backward pass per class (CPU) | sketch, classes batched (as on a GPU) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        batched = f"{r['batched']:,} ({r['batched'] / r['floor']:.2f}× floor)" if "batched" in r else "—"
+        print(f"| {r['model']} | {r['classes']} | {r['floor']:,} | {r['sketch']:,} ({r['sketch'] / r['floor']:.2f}× floor) | {batched} |")
 
 
 def trak_one_class(model: nn.Module, x: torch.Tensor, k: int) -> Callable[[], None]:
@@ -198,25 +284,31 @@ def featurization_rows(setup: Setup, ks: tuple[int, ...], repeats: int, seeds: i
     x = torch.randn(setup.batch, *setup.input_shape)
     num_params = sum(p.numel() for p in model.parameters())
     base = dict(model=setup.name, P=num_params)
-    t_floor, rss = seconds(floor(model, x), repeats)
-    rows = [dict(base, K="—", method="floor", rate=setup.batch / t_floor, rss=rss)]
+    run_floor = floor(model, x)
+    t_floor, rss, _ = seconds(run_floor, repeats)
+    rows = [dict(base, K="—", method="floor", rss=rss)]
+    t, rss, t_beside = seconds(outputs_only(model, x), repeats, beside=run_floor)
+    t_floor = min(t_floor, t_beside)
+    rows.append(dict(base, K="—", method="outputs only", rate=setup.batch / t, rss=rss))
     for k in ks:
         sketch = ln.Featurizer(model, projection_dim=k, projector="sketch")
-        t, rss = seconds(lambda: sketch.featurize_batch(x), repeats)
+        t, rss, t_beside = seconds(lambda: sketch.featurize_batch(x), repeats, beside=run_floor)
+        t_floor = min(t_floor, t_beside)
         rows.append(dict(base, K=k, method="sketch", rate=setup.batch / t, rss=rss))
         if setup.baselines:
             dense = ln.Featurizer(model, projection_dim=k, projector="gaussian", memory_budget=DENSE_CACHE)
             cached = num_params * k * 4 <= DENSE_CACHE  # a warm-up batch then builds the cache
-            t, rss = seconds(lambda: dense.featurize_batch(x), 1, warm_up=cached)
+            t, rss, _ = seconds(lambda: dense.featurize_batch(x), 1, warm_up=cached)
             rows.append(dict(base, K=k, method="dense", rate=setup.batch / t, rss=rss))
             del dense
-            t, rss = seconds(trak_one_class(model, x, k), 1, warm_up=False)
+            t, rss, _ = seconds(trak_one_class(model, x, k), 1, warm_up=False)
             rows.append(dict(base, K=k, method="TRAK", rate=setup.batch / (t * CLASSES), rss=rss))
+    rows[0]["rate"] = setup.batch / t_floor
     release_memory()
     fixed = torch.randn(setup.error_examples, *setup.input_shape, generator=torch.Generator().manual_seed(1))
     exact = ln.exact_kernel(model, fixed)
     grads = ln.gradient_features(model, fixed) if setup.baselines else None
-    for row in rows[1:]:
+    for row in rows[2:]:
         k = row["K"]
         if row["method"] == "sketch":
             features = [ln.project_features(model, fixed, projection_dim=k, projector="sketch", seed=s) for s in range(seeds)]
@@ -253,9 +345,8 @@ def block_assembly(n: int, k: int, repeats: int) -> dict:
     """Kernel row blocks (normalised, block by block) against one matmul of the same shapes."""
     a = torch.randn(n, CLASSES, k)
     b = torch.randn(n, CLASSES, k)
-    t_blocks, _ = seconds(lambda: ln.kernel_from_features(a, b), repeats)
     flat_a, flat_b = a.flatten(1), b.flatten(1)
-    t_matmul, _ = seconds(lambda: flat_a @ flat_b.T, repeats)
+    t_blocks, _, t_matmul = seconds(lambda: ln.kernel_from_features(a, b), repeats, beside=lambda: flat_a @ flat_b.T)
     return dict(n=n, k=k, blocks=t_blocks, matmul=t_matmul)
 
 
@@ -288,23 +379,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="K = 512 and 2,048, fewer repeats, seeds and examples")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=None, help="timed batches per row (best is kept)")
+    parser.add_argument("--models", default=None, help="comma-separated model names to run (default: all): spec_cnn, mlp, resnet18")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
     ks = (512, 2048) if quick else (512, 2048, 10240)
-    repeats = args.repeats or (2 if quick else 4)
+    repeats = args.repeats or (5 if quick else 6)
     seeds = 2 if quick else 4
-    setups = [
-        Setup("SPEC CNN", spec_cnn, (3, 32, 32), 32, 40, True),
-        Setup("MLP 784-256-256-10", mlp, (784,), 32, 40, True),
-        Setup("ResNet-18 (32×32)", ResNet18, (3, 32, 32), 16, 8 if quick else 16, False),
-    ]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {psutil.cpu_count()} CPUs\n")
+    setups = {
+        "spec_cnn": Setup("SPEC CNN", spec_cnn, (3, 32, 32), 32, 40, True),
+        "mlp": Setup("MLP 784-256-256-10", mlp, (784,), 32, 40, True),
+        "resnet18": Setup("ResNet-18 (32×32)", ResNet18, (3, 32, 32), 16, 8 if quick else 16, False),
+    }
+    chosen = args.models.split(",") if args.models else list(setups)
+    unknown = set(chosen) - set(setups)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; choose among {list(setups)}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
     rows = []
-    for setup in setups:
-        rows += featurization_rows(setup, ks, repeats, seeds)
+    for name in chosen:
+        rows += featurization_rows(setups[name], ks, repeats, seeds)
     print_table(rows)
+    print("\nOperations per batch of 8 examples (K = 2,048):\n")
+    print_operations([row for name in chosen for row in operation_rows(setups[name], 8, 2048)])
     digits = exact_digits(300 if quick else 1000)
     print(
         f"\nExact trNTK, {digits['n']:,} × {digits['n']:,} digits, MLP 64-128-128-10: factored {digits['factored']:.2f} s, "

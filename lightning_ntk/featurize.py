@@ -93,12 +93,15 @@ class Featurizer:
     ``"proj_pntk"`` (a gradient kernel's name, e.g. ``"trntk"``, stands for its projection).
 
     ``projector="sketch"`` is the fast path: per-layer signals (:class:`~lightning_ntk.layers.LayerGradients`)
-    projected by a structured count-sketch (:class:`~lightning_ntk.projection.SketchProjector`) without
-    forming per-example gradients; its memory is a few times the activations of a batch, whatever K·P.
-    ``"rademacher"``/``"gaussian"`` are the paper's dense projections of materialised gradients, the
-    reference for kernel quality: ``chunk_size·C·P`` floats of per-example gradients, plus ``K·P``
-    floats of the projection matrix when that fits ``memory_budget`` (else one 16 MiB block of it),
-    plus the ``N·C·K`` output. ``chunk_size`` defaults to what fits a quarter of ``memory_budget``.
+    projected by a structured count-sketch (:class:`~lightning_ntk.projection.SketchProjector`) inside
+    one backward pass vmapped over classes, without forming per-example gradients; its memory is a few
+    times the activations of a batch, whatever K·P. ``"rademacher"``/``"gaussian"`` are the paper's
+    dense projections of materialised gradients, the reference for kernel quality.
+
+    ``memory_budget`` (bytes) bounds the largest buffer of per-example gradients wherever they are
+    formed (the dense projectors, and modules the sketch cannot structure), which are then computed and
+    projected in chunks of examples; the dense projection matrix ``R`` (``K·P`` floats) is kept between
+    batches when it fits too. ``chunk_size`` fixes the examples per chunk instead.
 
     ``dtype`` stores the features in another precision (``torch.float16``/``torch.bfloat16`` halve
     their memory; kernels still accumulate in float32).
@@ -123,10 +126,10 @@ class Featurizer:
         self.model = model
         self.task = task or Task()
         if projector == "sketch":
-            self.gradients = LayerGradients(model, params, self.task)
+            self.gradients = LayerGradients(model, params, self.task, memory_budget)
             self.projector = SketchProjector(projection_dim, seed)
         else:
-            self.gradients = PerExampleGradients(model, params, self.task)
+            self.gradients = PerExampleGradients(model, params, self.task, chunk_size, memory_budget)
             self.projector = RandomProjector(self.gradients.num_parameters, projection_dim, projector, seed, memory_budget)
         self.memory_budget = memory_budget
         self.chunk_size = chunk_size
@@ -150,13 +153,13 @@ class Featurizer:
         if isinstance(self.projector, SketchProjector):
             features = self._sketch(inputs)
         else:
-            features = self._dense(inputs)
+            features = torch.cat([self.projector.project(grads) for _, grads in self.gradients.chunks(inputs, self.summed)])
         return features if self.dtype is None else features.to(self.dtype)
 
     def _sketch(self, inputs: Any) -> torch.Tensor:
         n = batch_size_of(inputs)
         step = self.chunk_size or n
-        parts = [self.projector.project_stream(self.gradients.stream(slice_inputs(inputs, s, s + step), self.summed)) for s in range(0, n, step)]
+        parts = [self.gradients.project(slice_inputs(inputs, s, s + step), self.projector, self.summed) for s in range(0, n, step)]
         features = torch.cat(parts) if len(parts) > 1 else parts[0]
         if not torch.isfinite(features).all():  # name the culprit (only on this rare path)
             for sig in self.gradients(inputs, self.summed):
@@ -165,15 +168,6 @@ class Featurizer:
                         raise NonFiniteGradientError.of(name)
             raise NonFiniteGradientError("The projected features hold NaN or inf: check the inputs for NaN/inf.")
         return features[:, 0] if self.summed else features
-
-    def _dense(self, inputs: Any) -> torch.Tensor:
-        classes = 1 if self.summed else self.gradients.num_classes(inputs)
-        if self.chunk_size is None:
-            per_example = classes * self.gradients.num_parameters * 4
-            self.gradients.chunk_size = max(1, self.memory_budget // 4 // per_example)
-        else:
-            self.gradients.chunk_size = self.chunk_size
-        return self.projector.project(self.gradients(inputs, summed=self.summed))
 
     def __call__(self, data: Any, batch_size: int = 64, progress: bool | str = False) -> torch.Tensor:
         return stream_features(self.model, data, self.featurize_batch, self.task, batch_size, progress)

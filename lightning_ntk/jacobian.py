@@ -1,7 +1,7 @@
 """Per-example, per-class gradients ``g_c(x) = ∂f_c(x)/∂θ`` of a classifier, with ``torch.func``.
 
 This is the generic path: it works for any module that ``torch.func.functional_call`` can run, and it
-materialises ``[B, C, P]`` gradients per chunk of examples, so its memory is ``chunk·C·P`` floats.
+materialises ``[b, C, P]`` gradients for chunks of ``b`` examples sized to a memory budget.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, grad, vmap
-from torch.utils._pytree import tree_map
+from torch.func import functional_call, grad, jacrev, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
+from .projection import DEFAULT_MEMORY_BUDGET
 from .task import Task, batch_size_of, slice_inputs
 
 ParamSelection = Union[None, str, nn.Module, Sequence[Union[str, nn.Module]]]
@@ -134,12 +136,29 @@ def check_logits(output: Any, batch_size: int) -> torch.Tensor:
     return output
 
 
+class _LargestTensor(TorchDispatchMode):
+    """Records the size in bytes of the largest tensor that any operation creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
+
+
 class PerExampleGradients:
     """Computes ``[B, C, P]`` per-example, per-class gradients (or ``[B, P]`` gradients of the summed
-    logits, for the pNTK) of the selected parameters, ``chunk_size`` examples at a time.
+    logits, for the pNTK) of the selected parameters, in chunks of examples.
 
     The model is run in eval mode with its buffers frozen; parameters outside the selection are
     treated as constants. ``P`` is the total size of the selected parameters, in their model order.
+    :meth:`chunks` keeps every buffer within ``memory_budget`` bytes (see :meth:`chunk_length`), so
+    that a consumer which projects each chunk never holds a whole batch's gradients.
     """
 
     def __init__(
@@ -148,23 +167,38 @@ class PerExampleGradients:
         params: ParamSelection = None,
         task: Task | None = None,
         chunk_size: int | None = None,
-        memory_budget: int = 1 << 28,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ):
         self.model = model
         self.task = task or Task()
         self.params = select_parameters(model, params)
         self.num_parameters = sum(p.numel() for p in self.params.values())
         self.chunk_size = chunk_size
-        self.memory_budget = memory_budget
+        self.memory_budget = int(memory_budget)
+        self._profiles: dict[tuple, tuple[int, int]] = {}
 
-    def _chunk(self, inputs: Any, summed: bool) -> int:
-        """Examples per vmap call: as many as fit ``memory_budget`` bytes of gradients, since each call
-        has a fixed cost that small chunks pay again and again."""
+    def _profile(self, inputs: Any) -> tuple[int, int]:
+        """The number of logits, and the bytes of the largest tensor the forward pass of one example
+        creates, for inputs shaped like these (measured once per shape)."""
+        one = slice_inputs(inputs, 0, 1)
+        key = tuple((tuple(t.shape[1:]), t.dtype) for t in tree_flatten(one)[0] if isinstance(t, torch.Tensor))
+        if key not in self._profiles:
+            with torch.no_grad(), eval_mode(self.model), _LargestTensor() as largest:
+                out = self.task.forward(self.model, one)
+            self._profiles[key] = (check_logits(out, 1).shape[1], largest.bytes)
+        return self._profiles[key]
+
+    def chunk_length(self, inputs: Any, summed: bool = False) -> int:
+        """Examples per vmap call (``chunk_size`` if set): as many as keep the largest buffer within
+        ``memory_budget``, and at least one. Per example and output, that buffer is the larger of the
+        gradient (``P`` values) and the largest tensor of the forward pass (vmap's backward holds it once
+        per output); large chunks are faster, since each call has a fixed cost."""
         if self.chunk_size is not None:
             return max(1, int(self.chunk_size))
-        outputs = 1 if summed else self.num_classes(slice_inputs(inputs, 0, 1))
+        classes, largest = self._profile(inputs)
         itemsize = next(iter(self.params.values())).element_size()
-        return max(1, self.memory_budget // (outputs * self.num_parameters * itemsize))
+        per_example = (1 if summed else classes) * max(self.num_parameters * itemsize, largest)
+        return max(1, self.memory_budget // per_example)
 
     def _logits_fn(self, summed: bool):
         buffers = dict(self.model.named_buffers())
@@ -179,22 +213,24 @@ class PerExampleGradients:
 
     def num_classes(self, inputs: Any) -> int:
         """Check the model's output on a batch and return its number of logits."""
-        with torch.no_grad(), eval_mode(self.model):
-            out = self.task.forward(self.model, inputs)
-        return check_logits(out, batch_size_of(inputs)).shape[1]
+        return self._profile(inputs)[0]
 
     def __call__(self, inputs: Any, summed: bool = False) -> torch.Tensor:
         """Gradients for one batch of inputs, flattened over parameters: ``[B, C, P]`` (``[B, P]`` when
         ``summed``)."""
+        return torch.cat([grads for _, grads in self.chunks(inputs, summed)])
+
+    def chunks(self, inputs: Any, summed: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield ``(rows, gradients)`` for consecutive chunks of the batch, ``gradients`` as in
+        :meth:`__call__` for the examples ``rows``, :meth:`chunk_length` examples at a time."""
         n = batch_size_of(inputs)
         params = {k: v.detach() for k, v in self.params.items()}
         fn = self._logits_fn(summed)
         transform = vmap(grad(fn) if summed else jacrev(fn), in_dims=(None, 0))
-        chunks = []
-        step = self._chunk(inputs, summed)
-        with eval_mode(self.model):
-            for start in range(0, n, step):
-                chunk = slice_inputs(inputs, start, start + step)
+        step = self.chunk_length(inputs, summed)
+        for start in range(0, n, step):
+            chunk = slice_inputs(inputs, start, start + step)
+            with eval_mode(self.model), torch.no_grad():  # no graph through the parameters left out
                 try:
                     grads = transform(params, chunk)
                 except Exception as err:
@@ -207,8 +243,7 @@ class PerExampleGradients:
                         "cannot be vmapped: restrict the kernel to parameters after them with params=..., "
                         "or make sure the model runs in eval mode (BatchNorm/Dropout) without such calls."
                     ) from err
-                chunks.append(self._flatten(grads, summed))
-        return torch.cat(chunks)
+            yield slice(start, min(start + step, n)), self._flatten(grads, summed)
 
     def _flatten(self, grads: dict[str, torch.Tensor], summed: bool) -> torch.Tensor:
         lead = 1 if summed else 2

@@ -3,38 +3,46 @@
 A linear layer's per-example gradient for class ``c`` is ``G_c = δ_c aᵀ`` (``a``: the layer's input,
 ``δ_c = ∂f_c/∂output``); a convolution's is ``Σ_t δ_ct a_tᵀ`` over output positions ``t`` (``a_t``:
 the input patch); a bias is a weight on a constant input 1. One forward pass with hooks records every
-supported layer's input, and C backward passes (batched over classes) give ``δ`` at every layer's
+supported layer's input, and one backward pass vmapped over the C classes gives ``δ`` at every layer's
 output for all examples at once, because examples are independent in eval mode. The cost is the
-C-backward floor minus the weight gradients. From these signals:
+C-backward floor minus the weight gradients, in a number of operations that does not grow with C.
+From these signals:
 
-- :class:`~lightning_ntk.projection.SketchProjector` projects the gradients without forming them,
+- :class:`~lightning_ntk.projection.SketchProjector` projects the gradients without forming them
+  (inside the backward pass, see :meth:`LayerGradients.project`),
 - :func:`factored_kernel` computes the exact trNTK from ``(δ·δ')(a·a')`` (summed over positions), and
 - :meth:`LayerSignals.parameter_gradients` forms per-example gradients when asked to.
 
-Modules with parameters that are not supported fall back, per module, to the generic ``torch.func``
-path of :class:`~lightning_ntk.jacobian.PerExampleGradients`; a warning names them.
+Which modules take this path is decided from the model's structure alone (module type and options,
+where its parameters are used, where its inputs hold the batch), never by comparing numbers, so
+that it holds under TF32, autocast and half precision. Modules with parameters that are not supported
+fall back, per module, to the generic ``torch.func`` path of
+:class:`~lightning_ntk.jacobian.PerExampleGradients`; a warning names them and says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import Counter
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.func import vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
 from .jacobian import ParamSelection, PerExampleGradients, check_logits, eval_mode, select_parameters
-from .task import Task, batch_size_of, slice_inputs
+from .projection import DEFAULT_MEMORY_BUDGET
+from .task import Task, batch_size_of, differentiable, slice_inputs
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 SCALE_TYPES = BATCH_NORM_TYPES + (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 SUPPORTED_TYPES = (nn.Linear, nn.Embedding) + CONV_TYPES + SCALE_TYPES
-WORK_BYTES = 1 << 28  # cap on the temporary per-layer gradient buffers of one batch
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,9 @@ def _outer_block(name: str, module: nn.Module, chosen: dict[str, nn.Parameter]) 
 def _supported(module: nn.Module) -> bool:
     """Whether the module's gradient is structured as this module knows it: exact types only (a subclass
     may change forward), no options that make gradients depend on more than the signals."""
-    if type(module) not in SUPPORTED_TYPES:
+    if type(module) not in SUPPORTED_TYPES or "forward" in vars(module):
+        return False
+    if not set(module._parameters) <= {"weight", "bias"}:  # e.g. the weight_g/weight_v of weight_norm
         return False
     if isinstance(module, CONV_TYPES):
         return module.padding_mode in ("zeros", "reflect", "replicate", "circular")
@@ -116,40 +126,41 @@ def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list
     return blocks, fallback
 
 
-def _differentiable(inputs: Any) -> Any:
-    """Clone inference-mode tensors (e.g. batches of ``trainer.validate``), which autograd cannot save."""
-    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t, inputs)
-
-
-# -- layer inputs -------------------------------------------------------------------------------------
+# -- layer inputs and output gradients -------------------------------------------------------------
 
 
 def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: bool) -> torch.Tensor:
-    """The inputs ``a`` of a Linear/ConvNd layer: ``[B, T, groups, cols]``, the bias column (ones) last."""
+    """The inputs ``a`` of a Linear/ConvNd layer: ``[B, T, groups, cols]``, the bias column (ones) last,
+    copied once from the input. A convolution's are laid out positions-last in memory (``[B, groups,
+    cols, T]``), the order in which they are read from the input fastest."""
+    b = x.shape[0]
     if isinstance(module, nn.Linear):
-        view = x.reshape(x.shape[0], -1, 1, x.shape[-1])
+        source = x.reshape(b, -1, 1, x.shape[-1])
+        cols = x.shape[-1] if with_weight else 0
+        a = x.new_empty(b, source.shape[1], 1, cols + with_bias)
+        if with_weight:
+            a[..., :cols] = source
     else:
         dims = x.ndim - 2
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         if any(module._reversed_padding_repeated_twice):
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
         x = x.contiguous()
-        b, c = x.shape[:2]
-        g = module.groups
+        c, g = x.shape[1], module.groups
         k, s, d = module.kernel_size, module.stride, module.dilation
         out = [(x.shape[2 + i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(dims)]
         st = x.stride()
-        view = x.as_strided(
-            (b, *out, g, c // g, *k),
-            (st[0], *(s[i] * st[2 + i] for i in range(dims)), (c // g) * st[1], st[1], *(d[i] * st[2 + i] for i in range(dims))),
-        ).reshape(b, math.prod(out), g, -1)
-    if not with_weight:
-        view = view[..., :0]
-    if not with_bias:
-        return view
-    a = view.new_empty(*view.shape[:-1], view.shape[-1] + 1)
-    a[..., :-1] = view
-    a[..., -1] = 1
+        source = x.as_strided(
+            (b, g, c // g, *k, *out),
+            (st[0], (c // g) * st[1], st[1], *(d[i] * st[2 + i] for i in range(dims)), *(s[i] * st[2 + i] for i in range(dims))),
+        )
+        cols = (c // g) * math.prod(k) if with_weight else 0
+        a = x.new_empty(b, g, cols + with_bias, math.prod(out))
+        if with_weight:
+            a[:, :, :cols].view(source.shape).copy_(source)
+        a = a.permute(0, 3, 1, 2)
+    if with_bias:
+        a[..., -1] = 1
     return a
 
 
@@ -169,51 +180,57 @@ def _normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return xh.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
 
 
-def _channels_last(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
-    """``δ`` of one class from ``[B, *output]`` to a ``[B, T, channels]`` view (channels-first outputs
-    such as convolutions' stay laid out as they are: positions contiguous)."""
-    b = grad.shape[0]
+def _layer_inputs(blk: Block, x: torch.Tensor) -> torch.Tensor:
+    """The input side of one call of a block, from the module's input, as :class:`LayerSignals` lays it out."""
+    if blk.kind == "outer":
+        return _patches(blk.module, x, any(n.endswith("weight") for n in blk.params), blk.params[-1].endswith("bias"))
+    if blk.kind == "scale":
+        return _normalised(blk.module, x)
+    return x.reshape(x.shape[0], -1)  # embedding: the token ids
+
+
+def _layer_grads(blk: Block, grad: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """The gradients at one call's output, class-first ``[C, B, *output]``, as ``[C, B, T, width]`` views
+    (channels-first outputs such as convolutions' stay laid out as they are: positions contiguous)."""
+    module = blk.module
+    c, b = grad.shape[:2]
     if isinstance(module, CONV_TYPES + BATCH_NORM_TYPES + (nn.GroupNorm,)):
-        return grad.reshape(b, grad.shape[1], -1).transpose(1, 2)
+        return grad.reshape(c, b, grad.shape[2], -1).transpose(2, 3)
     width = math.prod(module.normalized_shape) if isinstance(module, SCALE_TYPES) else grad.shape[-1]
-    return grad.reshape(b, -1, width)
+    d = grad.reshape(c, b, -1, width)
+    if blk.kind == "embedding" and module.padding_idx is not None:
+        d = d * (inputs != module.padding_idx)[..., None]
+    return d
 
 
 @dataclass
 class LayerSignals:
-    """One block's signals for a batch of ``B`` examples and ``C`` classes (``C = 1`` for the pNTK).
-    ``grads`` holds one tensor per class, as the backward passes return them (stacking them would
-    cost a copy of all of them):
+    """One block's signals for a batch of ``B`` examples and ``C`` classes (``C = 1`` for the pNTK),
+    gradients class-first:
 
-    ``outer``: ``inputs`` ``[B, T, groups, cols]`` and ``grads`` ``C × [B, T, rows]``;
-    ``embedding``: ``inputs`` token ids ``[B, T]`` and ``grads`` ``C × [B, T, cols]``;
-    ``scale``: ``inputs`` ``[B, T, D]`` (normalised) and ``grads`` ``C × [B, T, D]``;
-    ``flat``: ``inputs`` None and ``grads`` the per-example gradients ``C × [B, cols]``.
+    ``outer``: ``inputs`` ``[B, T, groups, cols]`` and ``grads`` ``[C, B, T, rows]``;
+    ``embedding``: ``inputs`` token ids ``[B, T]`` and ``grads`` ``[C, B, T, cols]``;
+    ``scale``: ``inputs`` ``[B, T, D]`` (normalised) and ``grads`` ``[C, B, T, D]``;
+    ``flat``: ``inputs`` None and ``grads`` the per-example gradients ``[C, B, cols]``.
     """
 
     block: Block
     inputs: torch.Tensor | None
-    grads: tuple[torch.Tensor, ...]
+    grads: torch.Tensor
 
-    def stacked(self) -> torch.Tensor:
-        """The gradients as one class-first tensor ``[C, B, ...]``."""
-        return torch.stack(self.grads)
-
-    def matrix(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The per-example gradient matrices ``[b, C, rows, cols]`` of examples ``start:stop``."""
-        blk = self.block
-        d = torch.stack([g[start:stop] for g in self.grads], dim=1)
+    def matrix(self) -> torch.Tensor:
+        """The per-example gradient matrices ``[B, C, rows, cols]``."""
+        blk, d = self.block, self.grads
         if blk.kind == "flat":
-            return d.unsqueeze(2)
-        x = self.inputs[start:stop]
-        b, c, t = d.shape[:3]
+            return d.transpose(0, 1).unsqueeze(2)
+        x = self.inputs
+        c, b = d.shape[:2]
         if blk.kind == "outer":
-            d = d.reshape(b, c, t, blk.groups, -1)
-            return torch.einsum("bctgo,btgi->bcgoi", d, x).reshape(b, c, blk.rows, blk.cols)
+            return torch.einsum("cbtgo,btgi->bcgoi", d.unflatten(-1, (blk.groups, -1)), x).reshape(b, c, blk.rows, blk.cols)
         if blk.kind == "embedding":
             index = x[:, None, :, None].expand(-1, c, -1, blk.cols)
-            return d.new_zeros(b, c, blk.rows, blk.cols).scatter_add_(2, index, d)
-        parts = [torch.einsum("bctd,btd->bcd", d, x) if p.endswith("weight") else d.sum(2) for p in blk.params]
+            return d.new_zeros(b, c, blk.rows, blk.cols).scatter_add_(2, index, d.transpose(0, 1))
+        parts = [torch.einsum("cbtd,btd->bcd", d, x) if p.endswith("weight") else d.sum(2).transpose(0, 1) for p in blk.params]
         return torch.cat(parts, dim=-1).unsqueeze(2)
 
     def parameter_gradients(self) -> dict[str, torch.Tensor]:
@@ -228,34 +245,156 @@ class LayerSignals:
         return {n: part.reshape(b, c, *shape) for n, part, shape in zip(blk.params, parts, blk.shapes)}
 
 
-class LayerGradients:
-    """Records the signals of every supported layer: one forward pass with hooks, then one backward
-    pass per class (or one of the summed logits for the pNTK), each for the whole batch.
+# -- one forward pass, one backward pass for all classes -------------------------------------------
 
-    :meth:`stream` hands the signals over one class at a time, so that only one class's gradients
-    are in memory (and their buffers are reused from class to class); ``__call__`` gathers them all.
-    The model runs in eval mode. Parameters of unsupported modules (or shared between modules) are
-    handled by :class:`~lightning_ntk.jacobian.PerExampleGradients` as one ``flat`` block. On the first
-    batch, the summed gradients of two examples are checked against plain autograd per parameter;
-    modules whose parameters disagree (e.g. a weight also used outside its module's forward) fall back.
+
+@dataclass
+class _Call:
+    """One call of a block's module in the forward pass."""
+
+    block: Block
+    position: int
+    input: torch.Tensor
+    version: int  # of the input when the module ran: a later in-place change makes the signal wrong
+    output_bytes: int
+
+
+class _AllClasses(torch.autograd.Function):
+    """``fn(layer_input, grads)`` with the classes of the gradients as a leading dimension, inside the
+    backward pass vmapped over classes: the vmap rule hands all classes over at once, so that ``fn``
+    batches them itself (e.g. as rows of one matrix product) instead of vmap's rules doing it."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(grad: torch.Tensor, layer_input: torch.Tensor, fn: Callable) -> torch.Tensor:
+        return fn(layer_input, grad.unsqueeze(0)).squeeze(0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, grad, layer_input, fn):
+        return fn(layer_input, grad.movedim(in_dims[0], 0)), 0
+
+
+class _Tap(torch.autograd.Function):
+    """The identity on a layer's output (as a copy, which later in-place operations may change), whose
+    backward hands the gradient at that output to ``fn`` and returns the result as the gradient of
+    ``sink``. Autograd sums these over layers: the sink's gradient is then the features, computed
+    while the backward pass runs, each layer's output gradients freed as soon as they are sketched."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, layer_input: torch.Tensor, sink: torch.Tensor, fn: Callable) -> torch.Tensor:
+        ctx.save_for_backward(layer_input)
+        ctx.fn = fn
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (layer_input,) = ctx.saved_tensors
+        return grad, None, ctx.fn(layer_input, grad), None
+
+
+@contextlib.contextmanager
+def _autograd_on(params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
+    """Gradients recorded whatever the caller's mode (``no_grad``, ``inference_mode``), and ``params``
+    requiring them meanwhile."""
+    frozen = [p for p in params if not p.requires_grad]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for p in frozen:
+                p.requires_grad_(True)
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _reached_around(root, outputs: dict[str, set], blocks: list[Block], params: dict[str, nn.Parameter]) -> set[str]:
+    """The blocks whose parameters the autograd graph from ``root`` reaches other than through the
+    block's outputs (``outputs``: the autograd nodes of each block's outputs, by name): parameters also
+    used outside the module's forward (e.g. tied weights)."""
+    parents: dict[Any, list] = {root: []}
+    accumulators: dict[int, Any] = {}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if child not in parents:
+                parents[child] = []
+                stack.append(child)
+                variable = getattr(child, "variable", None)
+                if variable is not None:
+                    accumulators[id(variable)] = child
+            parents[child].append(node)
+    around = set()
+    for blk in blocks:
+        stops = outputs.get(blk.name, set())
+        frontier = [accumulators[id(params[n])] for n in blk.params if id(params[n]) in accumulators]
+        seen = set(frontier)
+        while frontier and blk.name not in around:
+            node = frontier.pop()
+            if node is root:
+                around.add(blk.name)
+            for parent in parents[node]:
+                if parent not in stops and parent not in seen:
+                    seen.add(parent)
+                    frontier.append(parent)
+    return around
+
+
+class LayerGradients:
+    """Records the signals of every supported layer: one forward pass with hooks, then backward passes
+    for the classes (or one of the summed logits for the pNTK) for the whole batch, which compute the
+    gradients at the layers' outputs only (no weight gradients).
+
+    ``batch_classes`` runs all classes as one backward pass vmapped over them, so that the number of
+    operations does not grow with the number of classes: the default on accelerators, where each
+    operation costs a launch. On the CPU (default: one pass per class) vmap's batching rules cost
+    more than they save, since they copy the saved activations once per class.
+
+    ``__call__`` returns the signals (for exact kernels); :meth:`project` sketches them inside the
+    backward pass, layer by layer, so that only the features outlive it. The model runs in eval mode.
+    Parameters of unsupported modules are handled by :class:`~lightning_ntk.jacobian.PerExampleGradients`
+    as one ``flat`` block, in chunks that fit ``memory_budget``. On the first batch, the model's structure
+    is checked once (see :meth:`_check_structure`): modules whose parameters are also used outside their
+    forward, or that do not see the batch in their inputs' first dimension, fall back too.
     """
 
-    def __init__(self, model: nn.Module, params: ParamSelection = None, task: Task | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        params: ParamSelection = None,
+        task: Task | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        batch_classes: bool | None = None,
+    ):
         self.model = model
         self.task = task or Task()
         self.params = select_parameters(model, params)
         self.num_parameters = sum(p.numel() for p in self.params.values())
+        self.memory_budget = int(memory_budget)
+        self.batch_classes = batch_classes
         self.blocks, fallback = plan_blocks(model, self.params)
-        self._set_fallback(fallback)
+        self.fallback_modules: list[str] = []
+        self._fall_back(fallback, "is not supported by the structured path")
         self._checked = False
+        self._vmap_backward = True  # until an operation turns out to have no batching rule
+        self._vmapping = False  # whether the backward pass running is vmapped over classes
 
-    def _set_fallback(self, modules: list[str], reason: str = "is not supported by the structured path") -> None:
-        self.fallback_modules = modules
+    def _fall_back(self, modules: list[str], reason: str) -> None:
+        """Send ``modules`` to the generic path (with a warning that names them and says why)."""
+        self.fallback_modules = self.fallback_modules + modules
+        self.blocks = [blk for blk in self.blocks if blk.name not in modules]
         structured = {n for blk in self.blocks for n in blk.params}
         names = [n for n in self.params if n not in structured]
-        self._fallback = PerExampleGradients(self.model, names, self.task) if names else None
+        self._fallback = PerExampleGradients(self.model, names, self.task, memory_budget=self.memory_budget) if names else None
         shapes = tuple(self.params[n].shape for n in names)
-        self._flat = Block("+".join(modules), "flat", tuple(names), 1, sum(map(math.prod, shapes)), 1, shapes) if names else None
+        self._flat = Block("+".join(self.fallback_modules), "flat", tuple(names), 1, sum(map(math.prod, shapes)), 1, shapes) if names else None
         if modules:
             warnings.warn(
                 f"Per-example gradients of module(s) {', '.join(repr(m or '<model>') for m in modules)} use the generic "
@@ -270,58 +409,94 @@ class LayerGradients:
 
     def __call__(self, inputs: Any, summed: bool = False) -> list[LayerSignals]:
         """The signals of every block for a batch of inputs, all classes, in :attr:`all_blocks` order."""
-        per_class = list(self.stream(inputs, summed))
-        return [
-            LayerSignals(blocks[0].block, blocks[0].inputs, tuple(sig.grads[0] for sig in blocks))
-            for blocks in zip(*per_class)
-        ]
+        self._check_structure(inputs)
+        signals = []
+        if self.blocks:
+            with eval_mode(self.model), _autograd_on():
+                outputs: list[torch.Tensor] = []
 
-    def stream(self, inputs: Any, summed: bool = False) -> Iterator[list[LayerSignals]]:
-        """Yield, class by class, the signals of every block (one class each); the inputs' side of the
-        signals is computed once and shared by all classes."""
-        if not self._checked:
-            self._checked = True
-            self._check(inputs)
-        with eval_mode(self.model):
-            fallback = self._fallback(inputs, summed) if self._fallback is not None else None
-            if not self.blocks:
-                classes = range(1 if summed else fallback.shape[1])
-                yield from ([LayerSignals(self._flat, None, (fallback if summed else fallback[:, c],))] for c in classes)
-                return
-            with torch.inference_mode(False), torch.enable_grad():
-                inputs = _differentiable(inputs)
-                logits, calls, probes = self._forward(inputs)
-                xs = {id(blk): self._inputs(blk, calls[id(blk)], logits) for blk in self.blocks}
-                if summed:
-                    seeds = [torch.ones_like(logits)]
-                else:
-                    eye = torch.eye(logits.shape[1], dtype=logits.dtype, device=logits.device)
-                    seeds = [eye[c].expand_as(logits) for c in range(logits.shape[1])]
-                for c, seed in enumerate(seeds):
-                    grads = torch.autograd.grad(logits, probes, seed, retain_graph=c + 1 < len(seeds), allow_unused=True)
-                    grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, probes)]
-                    signals = [LayerSignals(blk, xs[id(blk)], (self._grads(blk, calls[id(blk)], grads, xs[id(blk)], logits),)) for blk in self.blocks]
-                    if fallback is not None:
-                        signals.append(LayerSignals(self._flat, None, (fallback if summed else fallback[:, c],)))
-                    yield signals
+                def keep(call: _Call, output: torch.Tensor) -> torch.Tensor:
+                    outputs.append(output)
+                    return output.clone()
 
-    def _forward(self, inputs: Any) -> tuple[torch.Tensor, dict[int, list], list[torch.Tensor]]:
-        """Run the model with hooks that record each block's input and add a zero "probe" to its output:
-        the gradient with respect to the probe is the gradient at the output, even when a later
-        operation modifies the output in place."""
-        modules = {id(blk.module): blk for blk in self.blocks}
-        calls: dict[int, list] = {id(blk): [] for blk in self.blocks}
-        probes: list[torch.Tensor] = []
+                logits, calls = self._forward(differentiable(inputs), keep)
+                grads = self._backward(logits, outputs, summed, calls)
+            classes = 1 if summed else logits.shape[1]
+            for blk in self.blocks:
+                mine = [(call, g) for call, g in zip(calls, grads) if call.block is blk]
+                xs = [_layer_inputs(blk, call.input.detach()) for call, _ in mine]
+                ds = [_layer_grads(blk, g, x) for (_, g), x in zip(mine, xs)]
+                if not mine:  # the layer did not run: its gradient is zero
+                    xs, ds = self._zero_signals(blk, logits, classes)
+                signals.append(LayerSignals(blk, torch.cat(xs, 1), torch.cat(ds, 2)))
+        if self._fallback is not None:
+            flat = self._fallback(inputs, summed)
+            signals.append(LayerSignals(self._flat, None, flat.unsqueeze(0) if summed else flat.transpose(0, 1)))
+        return signals
+
+    @staticmethod
+    def _zero_signals(blk: Block, logits: torch.Tensor, classes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        b = logits.shape[0]
+        if blk.kind == "outer":
+            return [logits.new_zeros(b, 1, blk.groups, blk.cols)], [logits.new_zeros(classes, b, 1, blk.rows)]
+        if blk.kind == "embedding":
+            return [torch.zeros(b, 1, dtype=torch.long, device=logits.device)], [logits.new_zeros(classes, b, 1, blk.cols)]
+        width = blk.cols // len(blk.params)
+        return [logits.new_zeros(b, 1, width)], [logits.new_zeros(classes, b, 1, width)]
+
+    def project(self, inputs: Any, projector, summed: bool = False) -> torch.Tensor:
+        """``[B, C, K]`` (``C = 1`` when ``summed``): ``projector``'s sketch
+        (:class:`~lightning_ntk.projection.SketchProjector`) of every example's per-class gradients, the
+        structured blocks' sketched inside the backward pass, the fallback's chunk by chunk."""
+        self._check_structure(inputs)
+        n, features = batch_size_of(inputs), None
+        if self.blocks:
+            param = next(iter(self.params.values()))
+            sink = torch.zeros(n, projector.projection_dim, device=param.device,
+                               dtype=torch.promote_types(param.dtype, torch.float32), requires_grad=True)
+
+            def tap(call: _Call, output: torch.Tensor) -> torch.Tensor:
+                prepared = []  # the input side, prepared once for all classes
+
+                def sketch(x: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+                    with torch.autocast(x.device.type, enabled=False):
+                        if not prepared:
+                            dtype = torch.promote_types(grads.dtype, torch.float32)
+                            prepared.append(projector.prepare(call.position, call.block, _layer_inputs(call.block, x), dtype))
+                        features = projector.sketch(call.position, call.block, None, _layer_grads(call.block, grads, prepared[0]), prepared[0])
+                    return features.to(sink.device, sink.dtype)
+
+                def backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+                    if self._vmapping:
+                        return _AllClasses.apply(grad, x, sketch)
+                    return sketch(x, grad.unsqueeze(0)).squeeze(0)
+
+                return _Tap.apply(output, call.input.detach(), sink, backward)
+
+            with eval_mode(self.model), _autograd_on():
+                logits, calls = self._forward(differentiable(inputs), tap)
+                (features,) = self._backward(logits, [sink], summed, calls)
+            features = features.transpose(0, 1)
+        if self._fallback is not None:
+            position = len(self.blocks)
+            parts = [
+                projector.sketch(position, self._flat, None, grads.unsqueeze(0) if summed else grads.transpose(0, 1)).transpose(0, 1)
+                for _, grads in self._fallback.chunks(inputs, summed)
+            ]
+            flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+            features = flat if features is None else features + flat.to(features.dtype)
+        return features
+
+    def _forward(self, inputs: Any, output_of: Callable[[_Call, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, list[_Call]]:
+        """Run the model with a hook on every block that records each call and replaces the call's
+        output by ``output_of(call, output)``; refuse inputs changed in place after a layer used them."""
+        index = {id(blk.module): (position, blk) for position, blk in enumerate(self.blocks)}
+        calls: list[_Call] = []
 
         def hook(module, args, output):
-            blk = modules[id(module)]
-            x = args[0]
-            if blk.kind == "scale":
-                with torch.no_grad():
-                    x = _normalised(module, x)
-            calls[id(blk)].append((x.detach(), x._version, len(probes)))
-            probes.append(torch.zeros_like(output, requires_grad=True))
-            return output + probes[-1]
+            position, blk = index[id(module)]
+            calls.append(_Call(blk, position, args[0], args[0]._version, output.numel() * output.element_size()))
+            return output_of(calls[-1], output)
 
         handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
         try:
@@ -329,72 +504,95 @@ class LayerGradients:
         finally:
             for h in handles:
                 h.remove()
-        return logits, calls, probes
-
-    def _inputs(self, blk: Block, calls: list, logits: torch.Tensor) -> torch.Tensor:
-        """The block's input side, its calls' positions concatenated (a layer may run several times)."""
-        parts = []
-        for x, version, _ in calls:
-            if x._version != version:
+        for call in calls:
+            if call.input._version != call.version:
                 raise RuntimeError(
-                    f"The input of layer '{blk.name}' was modified in place after the layer used it, so its gradient "
+                    f"The input of layer '{call.block.name}' was modified in place after the layer used it, so its gradient "
                     "cannot be formed from it. Avoid in-place operations on that tensor (e.g. an inplace=True activation "
                     "applied to it afterwards), or exclude the layer with params=..."
                 )
-            if blk.kind == "outer":
-                x = _patches(blk.module, x, any(n.endswith("weight") for n in blk.params), blk.params[-1].endswith("bias"))
-            parts.append(x.reshape(x.shape[0], -1) if blk.kind == "embedding" else x)
-        if not parts:  # the layer did not run: its gradient is zero
-            b = logits.shape[0]
-            if blk.kind == "outer":
-                return logits.new_zeros(b, 1, blk.groups, blk.cols)
-            if blk.kind == "embedding":
-                return torch.zeros(b, 1, dtype=torch.long, device=logits.device)
-            return logits.new_zeros(b, 1, blk.cols // len(blk.params))
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return logits, calls
 
-    def _grads(self, blk: Block, calls: list, grads: list[torch.Tensor], x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The block's gradient at its output(s) for one class, ``[B, T, width]``."""
-        parts = [_channels_last(blk.module, grads[i]) for _, _, i in calls]
-        if not parts:
-            width = {"outer": blk.rows, "embedding": blk.cols, "scale": blk.cols // len(blk.params)}[blk.kind]
-            return logits.new_zeros(logits.shape[0], 1, width)
-        d = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        if blk.kind == "embedding" and blk.module.padding_idx is not None:
-            d = d * (x != blk.module.padding_idx)[..., None]
-        return d
+    def _backward(self, logits: torch.Tensor, targets: list[torch.Tensor], summed: bool, calls: list[_Call]) -> list[torch.Tensor]:
+        """The gradients of each class's logit (summed over the batch, whose examples are independent)
+        with respect to ``targets``, class-first ``[C, *target.shape]``.
 
-    def _check(self, inputs: Any) -> None:
-        """Compare the structured gradients of the summed logits of (up to) two examples with autograd's,
-        and send the modules whose parameters disagree to the fallback path."""
-        if not self.blocks:
+        With ``batch_classes``, one backward pass vmapped over classes, for groups of classes whose
+        output gradients at the largest layer fit the memory budget (a loop over classes where an
+        operation has no batching rule, e.g. recurrent layers); otherwise one backward pass per class.
+        """
+        if summed:
+            seeds = torch.ones_like(logits).unsqueeze(0)
+        else:
+            eye = torch.eye(logits.shape[1], dtype=logits.dtype, device=logits.device)
+            seeds = eye[:, None, :].expand(-1, logits.shape[0], -1)
+
+        def backward(seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return torch.autograd.grad(logits, targets, seed, retain_graph=True, materialize_grads=True)
+
+        def loop(group: torch.Tensor) -> list[torch.Tensor]:
+            return [torch.stack(g) for g in zip(*map(backward, group))]
+
+        batched = self.batch_classes if self.batch_classes is not None else logits.device.type != "cpu"
+        if not batched or len(seeds) == 1:
+            return loop(seeds)
+        largest = max(call.output_bytes for call in calls)
+        size = max(1, self.memory_budget // largest)
+        parts = []
+        for group in seeds.split(size):
+            if self._vmap_backward:
+                self._vmapping = True
+                try:
+                    parts.append(vmap(backward)(group))
+                    continue
+                except RuntimeError:
+                    self._vmap_backward = False
+                finally:
+                    self._vmapping = False
+            parts.append(loop(group))
+        return [torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts)]
+
+    def _check_structure(self, inputs: Any) -> None:
+        """Once, on the first example: send to the fallback the blocks whose parameters reach the logits
+        other than through the block's outputs (e.g. a weight tied to another layer), and those whose
+        input or output does not hold the batch in its first dimension (seen with batches of one and two
+        copies of the example). Both are properties of the model's structure, so the decision holds at
+        any precision (TF32, autocast, half-precision weights); exactness itself is tested in float64."""
+        if self._checked or not self.blocks:
             return
-        sample = slice_inputs(inputs, 0, 2)
-        got: dict[str, torch.Tensor] = {}
-        for sig in self(sample, summed=True):
-            if sig.block.kind != "flat":
-                got.update({k: v[:, 0] for k, v in sig.parameter_gradients().items()})
-        names = list(got)
-        wrong: set[str] = set()
-        with eval_mode(self.model), torch.inference_mode(False), torch.enable_grad():
-            sample = _differentiable(sample)
-            for i in range(batch_size_of(sample)):
-                out = self.task.forward(self.model, slice_inputs(sample, i, i + 1))
-                want = torch.autograd.grad(out.sum(), [self.params[n] for n in names], allow_unused=True)
-                for name, w in zip(names, want):
-                    w = torch.zeros_like(self.params[name]) if w is None else w
-                    tol = 1e-4 * (w.norm() + got[name][i].norm()) + 1e-30
-                    if (got[name][i] - w).norm() > tol:
-                        wrong.add(name)
-        if wrong:
-            bad = [blk for blk in self.blocks if wrong & set(blk.params)]
-            self.blocks = [blk for blk in self.blocks if blk not in bad]
-            self._set_fallback(
-                self.fallback_modules + [blk.name for blk in bad],
-                "gives per-example gradients that differ from autograd's (is a weight also used outside the module's "
-                "forward, or does the layer see the batch in a dimension other than the first?)",
-            )
+        self._checked = True
+        one = differentiable(slice_inputs(inputs, 0, 1))
+        two = tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) else t, one)
+        index = {id(blk.module): blk for blk in self.blocks}
+        wrong_batch: set[str] = set()
+        runs: list[Counter] = []
+        with eval_mode(self.model), _autograd_on(self.params.values()):
+            for n, sample in ((1, one), (2, two)):
+                calls: Counter = Counter()
+                outputs: dict[str, set] = {}  # the autograd nodes of each block's outputs
 
+                def hook(module, args, output):
+                    blk = index[id(module)]
+                    calls[blk.name] += 1
+                    outputs.setdefault(blk.name, set()).add(output.grad_fn)
+                    if args[0].shape[:1] != (n,) or output.shape[:1] != (n,):
+                        wrong_batch.add(blk.name)
+
+                handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
+                try:
+                    logits = check_logits(self.task.forward(self.model, sample), n)
+                finally:
+                    for h in handles:
+                        h.remove()
+                runs.append(calls)
+            around = _reached_around(logits.grad_fn, outputs, self.blocks, self.params) if logits.grad_fn is not None else set()
+        wrong_batch |= {name for name in runs[0] | runs[1] if runs[0][name] != runs[1][name]}
+        if wrong_batch:
+            self._fall_back([blk.name for blk in self.blocks if blk.name in wrong_batch],
+                            "does not hold the batch in the first dimension of its input and output")
+        if around - wrong_batch:
+            self._fall_back([blk.name for blk in self.blocks if blk.name in around],
+                            "uses its parameters outside its own forward as well (e.g. a weight tied to another layer)")
 
 
 # -- exact kernels from signals ------------------------------------------------------------------------
@@ -409,7 +607,7 @@ def gram_factors(signals: list[LayerSignals]) -> list[LayerSignals]:
     """
     out = []
     for sig in signals:
-        blk, classes = sig.block, len(sig.grads)
+        blk, classes = sig.block, sig.grads.shape[0]
         if blk.kind == "outer":
             t = sig.inputs.shape[1]
             keep = t * t * (blk.groups * blk.cols + classes * blk.rows) <= classes * blk.rows * blk.cols
@@ -419,7 +617,7 @@ def gram_factors(signals: list[LayerSignals]) -> list[LayerSignals]:
             out.append(sig)
         else:
             flat = Block(blk.name, "flat", blk.params, 1, blk.size, 1, blk.shapes, blk.module)
-            out.append(LayerSignals(flat, None, sig.matrix().flatten(2).unbind(1)))
+            out.append(LayerSignals(flat, None, sig.matrix().flatten(2).transpose(0, 1)))
     return out
 
 
@@ -430,17 +628,16 @@ def signal_gram(signals_a: list[LayerSignals], signals_b: list[LayerSignals]) ->
     for sa, sb in zip(signals_a, signals_b):
         kind = sa.block.kind
         if kind == "flat":
-            ga, gb = sa.stacked(), sb.stacked()  # [C, B, P]
-            k = torch.einsum("cbp,csp->bs", ga, gb)
+            k = torch.einsum("cbp,csp->bs", sa.grads, sb.grads)
         elif kind == "outer":
             g = sa.block.groups
-            da, db = (s.stacked().unflatten(-1, (g, -1)) for s in (sa, sb))  # [C, B, T, g, rows/g]
+            da, db = (s.grads.unflatten(-1, (g, -1)) for s in (sa, sb))  # [C, B, T, g, rows/g]
             same_inputs = torch.einsum("btgi,sugi->gbtsu", sa.inputs, sb.inputs)
             same_grads = torch.einsum("cbtgo,csugo->gbtsu", da, db)
             k = (same_inputs * same_grads).sum((0, 2, 4))
         else:  # embedding: a token's one-hot inputs match only the same token
             same_inputs = sa.inputs[:, :, None, None] == sb.inputs[None, None]
-            same_grads = torch.einsum("cbtj,csuj->btsu", sa.stacked(), sb.stacked())
+            same_grads = torch.einsum("cbtj,csuj->btsu", sa.grads, sb.grads)
             k = (same_grads * same_inputs).sum((1, 3))
         total = k if total is None else total + k
     return total

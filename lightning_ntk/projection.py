@@ -14,8 +14,7 @@ whose hash follows the layers' structure, so that it applies to the per-layer si
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,13 +22,8 @@ from torch.nn import functional as F
 
 DENSE_KINDS = ("rademacher", "gaussian")
 PROJECTOR_KINDS = DENSE_KINDS + ("sketch",)
-BLOCK_ELEMENTS = 1 << 22  # 16 MiB of float32 per generated block of R
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of R kept in memory between batches
-# Relative costs for choosing between the fold and FFT routes (measured on CPU): one FFT flop, and one
-# element of the formed gradient matrix (signed and folded), each against one multiply-add of a matrix product.
-FFT_WEIGHT = 11.0
-FOLD_WEIGHT = 16.0
-CACHE_BYTES = 1 << 21  # formed gradient matrices are processed in pieces of about this size
+BLOCK_ELEMENTS = 1 << 22  # float32 entries per generated block of R: part of R's definition for a seed
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes: the largest buffer a featurization step may allocate
 
 
 def seeded_generator(*key: int) -> torch.Generator:
@@ -134,22 +128,39 @@ class BlockHash:
         return BlockHash(self.row_sign.to(device, dtype), self.col_index.to(device), self.col_sign.to(device, dtype), self.offset)
 
 
-def _fold(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Sum the ``k``-long chunks of the last dimension (bucket ``p mod k`` of coordinate ``p``)."""
+def _fold(x: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum the ``k``-long chunks of the last dimension (bucket ``p mod k`` of coordinate ``p``), into
+    ``out`` if given."""
     n = x.shape[-1]
     whole = n // k * k
-    out = x[..., :whole].reshape(*x.shape[:-1], -1, k).sum(-2) if whole else x.new_zeros(*x.shape[:-1], k)
-    if whole < n:
+    if out is None:
+        out = x.new_empty(*x.shape[:-1], k)
+    if whole:
+        torch.sum(x[..., :whole].unflatten(-1, (-1, k)), -2, out=out)
         out[..., : n - whole] += x[..., whole:]
+    else:
+        out.zero_()[..., :n] = x
     return out
 
 
-def _add_rolled(acc: torch.Tensor, x: torch.Tensor, offset: int) -> None:
-    """``acc += roll(x, offset)`` along the last dimension, without a copy of ``x``."""
-    k = acc.shape[-1]
-    acc[..., offset:] += x[..., : k - offset]
-    if offset:
-        acc[..., :offset] += x[..., k - offset :]
+def _columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[..., index]``, gathered as a matrix (much faster than along the last of several dimensions)."""
+    return x.reshape(-1, x.shape[-1]).index_select(1, index).view(*x.shape[:-1], len(index))
+
+
+def _signed_columns(a: torch.Tensor, h: BlockHash) -> torch.Tensor:
+    """``ã``: the inputs ``[B, T, groups, cols]`` with their columns permuted and signed, laid out
+    columns-last; inputs laid out positions-last (convolutions' patches) are gathered in that layout."""
+    positions_last = a.permute(0, 2, 3, 1)
+    if not positions_last.is_contiguous():
+        return _columns(a, h.col_index).mul_(h.col_sign)
+    gathered = positions_last.index_select(2, h.col_index).permute(0, 3, 1, 2)
+    return a.new_empty(a.shape).copy_(gathered).mul_(h.col_sign)
+
+
+def _hash_row(g: torch.Tensor, h: BlockHash, k: int) -> torch.Tensor:
+    """The count-sketch ``[..., K]`` of gradients with one row, ``[..., cols]``, formed as they are."""
+    return torch.roll(_fold(_columns(g, h.col_index).mul_(h.col_sign * h.row_sign), k), h.offset, -1)
 
 
 class SketchProjector:
@@ -160,25 +171,42 @@ class SketchProjector:
     ``offset + o·cols + π(i)`` and sign ``s_r(o)·s_c(i)`` for entry ``(o, i)``. For a layer whose
     per-example gradient is ``Σ_t δ_t a_tᵀ`` this allows two exact ways to apply ``R``:
 
-    - *fold*: sign and permute the inputs' columns, form ``Σ_t δ_t ãᵀ_t`` with batched matrix products
-      (a few examples at a time, so that it stays in cache), sign its rows and sum its ``K``-long
-      chunks: ``T·rows·cols`` per example and class, cheap for convolutions;
+    - *fold*: sign and permute the inputs' columns, form ``Σ_t δ_t ãᵀ_t`` for every class and example
+      with one batched matrix product, sign its rows and sum its ``K``-long chunks: ``T·rows·cols`` per
+      example and class, cheap for convolutions;
     - *FFT*: the sketch of an outer product is the circular convolution of the two factors' own
       count-sketches, so ``Σ_t IFFT(FFT(CS(δ_t))·FFT(CS(ã_t)))`` costs ``T·K·log K`` and never forms
       the ``rows × cols`` matrix: cheap for large linear layers.
 
-    Both give the same features: the choice per layer is a matter of speed only. Embeddings are
-    scattered directly; normalisation layers and the fallback gradients are small and hashed as they
-    are. All blocks share the ``K`` buckets (random offsets keep them apart on average). The hash
-    depends only on ``(seed, K, block position and shape)``, so the same seed gives the same
-    features whatever the batch size or device.
+    Both give the same features: the choice per layer is a matter of speed only, by a flop count in
+    which ``fft_weight`` prices one FFT flop and ``fold_weight`` one element of the formed matrix,
+    each against one multiply-add of a matrix product (measured on a CPU). Embeddings are scattered
+    directly; normalisation layers and the fallback gradients are small and hashed as they are. All
+    blocks share the ``K`` buckets (random offsets keep them apart on average). The hash depends only
+    on ``(seed, K, block position and shape)``, so the same seed gives the same features whatever the
+    batch size or device.
+
+    Every class is sketched at once, so that the number of operations does not grow with the number
+    of classes; the formed matrices (and FFT buffers) are built for ``piece_bytes`` worth of examples
+    at a time (default: 2 MiB, a CPU cache, on the CPU; 256 MiB on other devices, whose operations
+    have a fixed cost per launch).
     """
 
     kind = "sketch"
 
-    def __init__(self, projection_dim: int, seed: int = 0):
+    def __init__(
+        self,
+        projection_dim: int,
+        seed: int = 0,
+        fft_weight: float = 11.0,
+        fold_weight: float = 16.0,
+        piece_bytes: int | None = None,
+    ):
         self.projection_dim = check_projection_dim(projection_dim)
         self.seed = int(seed)
+        self.fft_weight = float(fft_weight)
+        self.fold_weight = float(fold_weight)
+        self.piece_bytes = piece_bytes
         self._cache: dict[tuple, BlockHash] = {}
 
     def block_hash(self, position: int, block, device: torch.device, dtype: torch.dtype) -> BlockHash:
@@ -193,91 +221,100 @@ class SketchProjector:
             self._cache[key] = BlockHash(signs[: block.rows], col_index, signs[block.rows :], offset).to(device, dtype)
         return self._cache[key]
 
+    def prefers_fft(self, block, positions: int) -> bool:
+        """Whether the FFT route is cheaper than forming the gradient matrix for an ``outer`` block
+        whose input has ``positions`` positions."""
+        k = self.projection_dim
+        fold = positions * block.rows * block.cols + self.fold_weight * block.rows * block.cols
+        fft = self.fft_weight * positions * block.groups * k * math.log2(k)
+        return fft < fold
+
+    def _examples_per_piece(self, per_example: int, itemsize: int, device: torch.device) -> int:
+        budget = self.piece_bytes if self.piece_bytes is not None else (1 << 21 if device.type == "cpu" else 1 << 28)
+        return max(1, budget // (per_example * itemsize))
+
     def project(self, signals: list) -> torch.Tensor:
         """``[B, C, K]`` sketches of the per-example, per-class gradients described by ``signals``
         (one :class:`~lightning_ntk.layers.LayerSignals` per block, in layout order, all classes)."""
-        classes = zip(*(sig.grads for sig in signals))
-        return self.project_stream([replace(sig, grads=(g,)) for sig, g in zip(signals, grads)] for grads in classes)
+        return sum(self.sketch(position, sig.block, sig.inputs, sig.grads) for position, sig in enumerate(signals)).transpose(0, 1)
 
     __call__ = project
 
-    def project_stream(self, stream: Iterable[list]) -> torch.Tensor:
-        """Like :meth:`project`, from the one-class signals that
-        :meth:`~lightning_ntk.layers.LayerGradients.stream` yields class by class: ``[B, C, K]``."""
-        prepared: dict[int, torch.Tensor] = {}  # the inputs' side of each block, the same for every class
-        return torch.stack([self._project_class(signals, prepared) for signals in stream], dim=1)
+    def prepare(self, position: int, block, inputs: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """What the sketch of a block needs from its input side, the same for every class: for ``outer``
+        blocks the inputs with their columns signed and permuted, ``ã`` ``[B, T, groups, cols]`` (on the
+        FFT route, the spectra of their count-sketches, ``[B, T, groups, K/2+1]``); other blocks' inputs
+        as they are."""
+        if inputs is None or block.kind != "outer":
+            return inputs
+        h = self.block_hash(position, block, inputs.device, dtype)
+        a = _signed_columns(inputs.to(dtype), h)
+        return torch.fft.rfft(_fold(a, self.projection_dim)) if self.prefers_fft(block, a.shape[1]) else a
 
-    def _project_class(self, signals: list, prepared: dict[int, torch.Tensor]) -> torch.Tensor:
-        first = signals[0].grads[0]
-        dtype = torch.promote_types(first.dtype, torch.float32)
-        k = self.projection_dim
-        acc = torch.zeros(first.shape[0], k, device=first.device, dtype=dtype)
-        spectrum = None
-        for position, sig in enumerate(signals):
-            h = self.block_hash(position, sig.block, first.device, dtype)
-            d = sig.grads[0].to(dtype)
-            if sig.block.kind == "outer":
-                if position not in prepared:
-                    prepared[position] = self._prepare(sig, h, dtype)
-                if self.prefers_fft(sig):
-                    term = self._outer_spectrum(sig, d, h, prepared[position])
-                    spectrum = term if spectrum is None else spectrum.add_(term)
-                else:
-                    self._outer_fold(sig, d, h, prepared[position], acc)
-            elif sig.block.kind == "embedding":
-                self._embedding(sig, d, h, acc)
-            else:  # one row: the formed gradient, hashed as it is
-                g = sig.matrix().reshape(first.shape[0], -1).to(dtype)
-                _add_rolled(acc, _fold(g.index_select(-1, h.col_index).mul_(h.col_sign * h.row_sign), k), h.offset)
-        if spectrum is not None:
-            acc += torch.fft.irfft(spectrum, n=k)
-        return acc
+    def sketch(self, position: int, block, inputs: torch.Tensor | None, grads: torch.Tensor, prepared: torch.Tensor | None = None) -> torch.Tensor:
+        """``[C, B, K]``: the sketch of one block's gradients for every class, from its signals in the
+        layout of :class:`~lightning_ntk.layers.LayerSignals` (``grads`` class-first); ``prepared`` is
+        :meth:`prepare`'s result for these inputs, if already at hand."""
+        dtype = torch.promote_types(grads.dtype, torch.float32)
+        h = self.block_hash(position, block, grads.device, dtype)
+        d = grads.to(dtype)
+        if prepared is None:
+            prepared = self.prepare(position, block, inputs, dtype)
+        if block.kind == "flat":
+            return _hash_row(d, h, self.projection_dim)
+        if block.kind == "embedding":
+            return self._embedding(block, h, prepared, d)
+        if block.kind == "scale":
+            x = prepared.to(dtype)
+            parts = [torch.einsum("cbtd,btd->cbd", d, x) if p.endswith("weight") else d.sum(2) for p in block.params]
+            return _hash_row(torch.cat(parts, dim=-1), h, self.projection_dim)
+        if prepared.is_complex():
+            return self._outer_spectrum(block, h, prepared, d)
+        return self._outer_fold(block, h, prepared, d)
 
-    def prefers_fft(self, sig) -> bool:
-        """Whether the FFT route is cheaper than forming the gradient matrix (a flop count with the
-        FFT weighted for its lower arithmetic efficiency than a matrix product)."""
-        blk, t = sig.block, sig.inputs.shape[1]
-        k = self.projection_dim
-        fold = t * blk.rows * blk.cols + FOLD_WEIGHT * blk.rows * blk.cols
-        fft = FFT_WEIGHT * t * blk.groups * k * math.log2(k)
-        return fft < fold
-
-    def _prepare(self, sig, h: BlockHash, dtype: torch.dtype) -> torch.Tensor:
-        """The inputs with their columns signed and permuted, ``ã`` ``[B, T, groups, cols]`` (the FFT
-        route takes their count-sketches' spectra, ``[B, T, groups, K/2+1]``)."""
-        a = sig.inputs.to(dtype).index_select(-1, h.col_index).mul_(h.col_sign)
-        if not self.prefers_fft(sig):
-            return a
-        k = self.projection_dim
-        return torch.fft.rfft(_fold(a, k) if a.shape[-1] > k else F.pad(a, (0, k - a.shape[-1])))
-
-    def _outer_fold(self, sig, d: torch.Tensor, h: BlockHash, a: torch.Tensor, acc: torch.Tensor) -> None:
-        """``d`` ``[B, T, rows]``: form ``Σ_t d_t ãᵀ_t`` a few examples at a time, sign its rows, fold it."""
-        blk = sig.block
-        step = max(1, CACHE_BYTES // (blk.size * acc.element_size()))
-        for s in range(0, a.shape[0], step):
-            ds, as_ = d[s : s + step], a[s : s + step]
-            if blk.groups == 1:
-                g = torch.bmm(ds.transpose(1, 2), as_[:, :, 0])
+    def _outer_fold(self, block, h: BlockHash, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """``d`` ``[C, B, T, rows]``: form ``Σ_t d_t ãᵀ_t`` for all classes with its rows signed, fold it."""
+        k, g, rows = self.projection_dim, block.groups, block.rows
+        classes, n, t = d.shape[:3]
+        step = self._examples_per_piece(classes * block.size, d.element_size(), d.device)
+        sign_first = t < block.cols  # sign the rows of d (T·rows) rather than those of the matrix (rows·cols)
+        folded = d.new_empty(n, classes, k)
+        for s in range(0, n, step):
+            ds, as_ = d[:, s : s + step], a[s : s + step]
+            b = ds.shape[1]
+            if g == 1:  # the classes stacked as rows of one matrix product per example
+                lhs = ds.permute(1, 0, 3, 2)
+                if sign_first:
+                    lhs = torch.mul(lhs, h.row_sign[:, None], out=d.new_empty(lhs.shape))
+                m = torch.bmm(lhs.reshape(b, classes * rows, t), as_[:, :, 0]).view(b, classes, rows, block.cols)
             else:
-                g = torch.einsum("btgo,btgi->bgoi", ds.unflatten(2, (blk.groups, -1)), as_)
-            g = g.reshape(ds.shape[0], blk.rows, blk.cols).mul_(h.row_sign[:, None])
-            _add_rolled(acc[s : s + step], _fold(g.flatten(1), self.projection_dim), h.offset)
+                ds = ds * h.row_sign if sign_first else ds
+                m = torch.einsum("cbtgo,btgi->bcgoi", ds.unflatten(-1, (g, -1)), as_).reshape(b, classes, rows, block.cols)
+            if not sign_first:
+                m.mul_(h.row_sign[:, None])
+            _fold(m.view(b, classes, rows * block.cols), k, folded[s : s + step])
+        return torch.roll(folded, h.offset, -1).transpose(0, 1)
 
-    def _outer_spectrum(self, sig, d: torch.Tensor, h: BlockHash, a_hat: torch.Tensor) -> torch.Tensor:
-        """``d`` ``[B, T, rows]``: ``Σ_t FFT(CS(d_t))·FFT(CS(ã_t))``, ``[B, K/2+1]``."""
-        blk, k = sig.block, self.projection_dim
-        b, t = d.shape[:2]
-        g, per_group = blk.groups, blk.rows // blk.groups
-        buckets = (h.offset + torch.arange(blk.rows, device=d.device) * blk.cols) % k
-        index = buckets.view(g, per_group).expand(b, t, g, per_group)
-        sketch = d.new_zeros(b, t, g, k).scatter_add_(-1, index, (d * h.row_sign).view(b, t, g, per_group))
-        return torch.einsum("btgf,btgf->bf", torch.fft.rfft(sketch), a_hat)
+    def _outer_spectrum(self, block, h: BlockHash, a_hat: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """``d`` ``[C, B, T, rows]``: ``IFFT(Σ_t FFT(CS(d_t))·FFT(CS(ã_t)))`` for all classes."""
+        k, g = self.projection_dim, block.groups
+        classes, n, t = d.shape[:3]
+        per_group = block.rows // g
+        buckets = ((h.offset + torch.arange(block.rows, device=d.device) * block.cols) % k).view(g, per_group)
+        signed = (d * h.row_sign).unflatten(-1, (g, per_group))
+        step = self._examples_per_piece(classes * t * g * (k + 2), d.element_size(), d.device)
+        pieces = []
+        for s in range(0, n, step):
+            ds = signed[:, s : s + step]
+            sketch = ds.new_zeros(*ds.shape[:-1], k).scatter_add_(-1, buckets.expand(*ds.shape[:-2], g, per_group), ds)
+            pieces.append(torch.einsum("cbtgf,btgf->cbf", torch.fft.rfft(sketch), a_hat[s : s + step]))
+        spectrum = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        return torch.fft.irfft(spectrum, n=k)
 
-    def _embedding(self, sig, d: torch.Tensor, h: BlockHash, acc: torch.Tensor) -> None:
-        """``d`` ``[B, T, cols]``: scatter each token's gradient row into its buckets."""
-        blk, k = sig.block, self.projection_dim
-        tokens = sig.inputs  # [B, T]
-        d = d.index_select(-1, h.col_index).mul_(h.col_sign).mul_(h.row_sign[tokens][..., None])
-        buckets = (h.offset + tokens[..., None] * blk.cols + torch.arange(blk.cols, device=d.device)) % k
-        acc.scatter_add_(-1, buckets.flatten(1), d.flatten(1))
+    def _embedding(self, block, h: BlockHash, tokens: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """``d`` ``[C, B, T, cols]``: scatter each token's gradient row into its buckets."""
+        k = self.projection_dim
+        signed = _columns(d, h.col_index).mul_(h.col_sign).mul_(h.row_sign[tokens][..., None])
+        buckets = (h.offset + tokens[..., None] * block.cols + torch.arange(block.cols, device=d.device)) % k
+        out = d.new_zeros(*d.shape[:2], k)
+        return out.scatter_add_(-1, buckets.flatten(1).expand(d.shape[0], -1, -1), signed.flatten(2))

@@ -160,6 +160,12 @@ def slice_inputs(inputs: Any, start: int, stop: int) -> Any:
     return tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t, inputs)
 
 
+def differentiable(inputs: Any) -> Any:
+    """The inputs with inference-mode tensors (e.g. batches of ``trainer.validate``) cloned: autograd
+    cannot save inference tensors for a backward pass."""
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t, inputs)
+
+
 def move_inputs(inputs: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:
     """Move every tensor to ``device``; floating tensors also to ``dtype`` (token ids stay integers)."""
 

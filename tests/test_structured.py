@@ -6,9 +6,9 @@ import torch
 from models import DictModel, SmallCNN, dict_inputs, mlp
 from test_exact_kernels import brute_force_gradients
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_ntk as ln
-from lightning_ntk import projection
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
@@ -82,7 +82,7 @@ def make(case):
 def explicit_sketch(signals, sketch, dtype=torch.float64):
     """Apply the count-sketch the slow way: form each block's per-example gradient matrix and send every
     coordinate to its bucket with its sign, as the hash documents it."""
-    b, c = signals[0].grads[0].shape[0], len(signals[0].grads)
+    c, b = signals[0].grads.shape[:2]
     k = sketch.projection_dim
     out = torch.zeros(b, c, k, dtype=dtype)
     for position, sig in enumerate(signals):
@@ -122,13 +122,17 @@ def test_layer_gradients_match_brute_force(case):
 @pytest.mark.filterwarnings("ignore:Per-example gradients of module")
 @pytest.mark.parametrize("route", ["fold", "fft"])
 @pytest.mark.parametrize("case", CASES)
-def test_sketch_equals_explicit_count_sketch(case, route, monkeypatch):
-    monkeypatch.setattr(projection, "FFT_WEIGHT", 0.0 if route == "fft" else float("inf"))
+def test_sketch_equals_explicit_count_sketch(case, route):
+    """Both routes, from the recorded signals and inside the backward pass, whole or one example per piece."""
     model, inputs = make(case)
-    signals = ln.LayerGradients(model)(inputs)
+    gradients = ln.LayerGradients(model)
+    signals = gradients(inputs)
     for k in (7, 64):  # fewer buckets than a layer has columns, and more
-        sketch = ln.SketchProjector(k, seed=3)
-        torch.testing.assert_close(sketch.project(signals), explicit_sketch(signals, sketch), rtol=1e-9, atol=1e-12)
+        for piece_bytes in (None, 1):
+            sketch = ln.SketchProjector(k, seed=3, fft_weight=0.0 if route == "fft" else float("inf"), piece_bytes=piece_bytes)
+            want = explicit_sketch(signals, sketch)
+            torch.testing.assert_close(sketch.project(signals), want, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(gradients.project(inputs, sketch), want, rtol=1e-9, atol=1e-12)
 
 
 def test_pntk_sketch_is_the_sketch_of_the_summed_gradient():
@@ -224,7 +228,7 @@ def test_weight_used_outside_its_module_falls_back():
             return self.head(self.inner(x) + nn.functional.linear(x, self.inner.weight))
 
     model, x = Tied().double(), torch.randn(5, 4, dtype=torch.float64)
-    with pytest.warns(UserWarning, match=r"'inner'.*differ from autograd's"):
+    with pytest.warns(UserWarning, match=r"'inner'.*uses its parameters outside its own forward"):
         got = ln.exact_kernel(model, x)
     torch.testing.assert_close(got, ln.exact_kernel(model, x, method="vmap"))
 
@@ -266,3 +270,206 @@ def test_bad_arguments():
         ln.exact_kernel(mlp(), torch.randn(3, 6), kind="entk", method="factored")
     with pytest.raises(ValueError, match="projection_dim must be a positive integer"):
         ln.project_features(mlp(), torch.randn(3, 6), projection_dim=0, projector="sketch")
+
+
+# -- the path taken, its cost and its memory, whatever the precision ----------------------------------
+
+
+class Residual(nn.Module):
+    def __init__(self, inputs, outputs, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False), nn.BatchNorm2d(outputs)
+        self.conv2, self.bn2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False), nn.BatchNorm2d(outputs)
+        self.shortcut = nn.Identity()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+def resnet(classes=3, seed=0):
+    """A ResNet in miniature: a stem, a residual block, a downsampling one with a projection shortcut."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        Residual(8, 8, 1), Residual(8, 16, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes),
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+class OperationCount(TorchDispatchMode):
+    """Counts the aten operations dispatched while active (on a GPU, each is a kernel launch or more)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest tensor (in bytes) that any operation creates while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.untyped_storage().nbytes())
+        return out
+
+
+def operations(fn):
+    with OperationCount() as counter:
+        fn()
+    return counter.count
+
+
+def floor(model, x):
+    """One forward pass and one backward pass per class with weight gradients: what exact per-class
+    methods cannot do without."""
+    logits = model(x)
+    for c in range(logits.shape[1]):
+        torch.autograd.grad(logits[:, c].sum(), list(model.parameters()), retain_graph=True)
+
+
+def test_operations_per_batch_do_not_grow_with_the_number_of_classes():
+    """As on a GPU (classes batched in one backward pass, large pieces): the sketch's operations per
+    batch stay the same from 10 to 100 classes, and within twice the floor's at 10 classes. The route
+    and K are pinned so that the last layer, whose size is the number of classes, is sketched the same
+    way at both counts."""
+    x = torch.randn(4, 3, 8, 8)
+    sketch_ops, floor_ops = {}, {}
+    for classes in (10, 100):
+        model = resnet(classes).eval()
+        gradients = ln.LayerGradients(model, batch_classes=True)
+        projector = ln.SketchProjector(16, fft_weight=float("inf"), piece_bytes=1 << 28)
+        features = gradients.project(x, projector)  # the first batch also checks the model's structure
+        assert features.shape == (4, classes, 16) and not gradients.fallback_modules
+        sketch_ops[classes] = operations(lambda: gradients.project(x, projector))
+        floor_ops[classes] = operations(lambda: floor(model, x))
+    assert sketch_ops[100] == sketch_ops[10], sketch_ops
+    assert sketch_ops[10] <= 2 * floor_ops[10], (sketch_ops, floor_ops)
+    assert floor_ops[100] > 5 * floor_ops[10]  # the floor's own count grows with the classes
+
+
+@pytest.mark.parametrize("batch_classes", [True, False])
+def test_classes_batched_or_not_give_the_same_features(batch_classes):
+    model, x = resnet().double(), torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    signals = ln.LayerGradients(model)(x)
+    sketch = ln.SketchProjector(40, seed=1)
+    got = ln.LayerGradients(model, batch_classes=batch_classes).project(x, sketch)
+    torch.testing.assert_close(got, explicit_sketch(signals, sketch), rtol=1e-9, atol=1e-12)
+    # Groups of classes when one group's output gradients would not fit the memory budget.
+    grouped = ln.LayerGradients(model, memory_budget=1, batch_classes=batch_classes).project(x, sketch)
+    torch.testing.assert_close(grouped, got, rtol=1e-9, atol=1e-12)
+
+
+def test_backward_without_a_batching_rule_runs_class_by_class():
+    class Through(torch.autograd.Function):
+        """The identity, with a backward that vmap cannot batch (an in-place copy into a plain tensor)."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.zeros(grad.shape, dtype=grad.dtype).copy_(grad)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.first, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(Through.apply(self.first(x))))
+
+    model, x = Model().double(), torch.randn(5, 4, dtype=torch.float64)
+    sketch = ln.SketchProjector(16)
+    got = ln.LayerGradients(model, batch_classes=True).project(x, sketch)
+    torch.testing.assert_close(got, ln.LayerGradients(model, batch_classes=False).project(x, sketch))
+    torch.testing.assert_close(got, explicit_sketch(ln.LayerGradients(model)(x), sketch), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("precision", ["bf16-autocast", "float16", "bfloat16"])
+def test_reduced_precision_keeps_standard_layers_on_the_structured_path(precision, recwarn):
+    """The path is chosen from the model's structure: no module falls back at reduced precision, and the
+    kernel stays close to the float64 one."""
+    model, x = resnet(), torch.randn(6, 3, 8, 8)
+    exact = ln.exact_kernel(resnet().double(), x.double())
+    if precision == "bf16-autocast":
+        featurizer = ln.Featurizer(model, projection_dim=4096, projector="sketch")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = featurizer.featurize_batch(x)
+        assert featurizer.gradients.batch_classes is None
+    else:
+        dtype = getattr(torch, precision)
+        featurizer = ln.Featurizer(model.to(dtype), projection_dim=4096, projector="sketch")
+        features = featurizer.featurize_batch(x.to(dtype))
+    assert not featurizer.gradients.fallback_modules
+    assert len(featurizer.gradients.blocks) == len([m for m in model.modules() if m._parameters])
+    assert not [w for w in recwarn if "Per-example gradients of module" in str(w.message)]
+    assert features.dtype == torch.float32 and torch.isfinite(features).all()
+    assert (ln.kernel_from_features(features) - exact).abs().max() < 0.1
+
+
+def test_layer_that_sees_the_batch_in_another_dimension_falls_back():
+    class SequenceFirst(nn.Module):
+        """Tokens laid out [T, B, D] (as with batch_first=False) through a Linear layer, T = B = 4."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.mix, self.head = nn.Linear(3, 5), nn.Linear(5, 2)
+
+        def forward(self, x):  # x: [B, T, 3]
+            return self.head(torch.tanh(self.mix(x.transpose(0, 1))).mean(0))
+
+    model, x = SequenceFirst().double(), torch.randn(4, 4, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"'mix'.*does not hold the batch in the first dimension"):
+        got = ln.exact_kernel(model, x)
+    torch.testing.assert_close(got, ln.exact_kernel(model, x, method="vmap"))
+
+
+@pytest.mark.filterwarnings("ignore:Per-example gradients of module")
+@pytest.mark.parametrize("batch", [8, 32])
+def test_fallback_stays_within_the_memory_budget(batch):
+    """The generic path forms per-example gradients chunk by chunk: no tensor beyond the budget, whatever
+    the batch size, and the same features as with the whole batch at once."""
+
+    class Mix(nn.Module):
+        """A module the structured path does not know, with most of the parameters."""
+
+        def __init__(self, width):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(width, width) / width**0.5)
+
+        def forward(self, x):
+            return x @ self.weight
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 48), nn.Tanh(), Mix(48), nn.Tanh(), nn.Linear(48, 3)).double()
+    x = torch.randn(batch, 6, dtype=torch.float64)
+    budget = 200_000  # bytes: the fallback's gradients of a whole batch need 3·48²·8·batch ≥ 442 kB
+    featurizer = ln.Featurizer(model, projection_dim=64, projector="sketch", memory_budget=budget)
+    assert featurizer.gradients.fallback_modules == ["2"]
+    featurizer.featurize_batch(x[:2])  # the first batch checks the structure, on two examples
+    with LargestTensor() as largest:
+        features = featurizer.featurize_batch(x)
+    assert 0 < largest.bytes <= budget
+    whole = ln.Featurizer(model, projection_dim=64, projector="sketch", memory_budget=1 << 30).featurize_batch(x)
+    torch.testing.assert_close(features, whole, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(features, explicit_sketch(ln.LayerGradients(model)(x), ln.SketchProjector(64)), rtol=1e-9, atol=1e-12)
