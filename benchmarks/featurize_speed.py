@@ -51,7 +51,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_ntk as ln
-from lightning_ntk.datasets import load_digits_tensors
+from lightning_ntk.demos import load_digits_tensors
 
 CLASSES = 10
 DENSE_CACHE = 4 << 30  # bytes of the dense projection matrix kept between batches

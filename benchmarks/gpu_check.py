@@ -47,7 +47,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_ntk as ln
-from lightning_ntk.study import Classifier
+from lightning_ntk.layers import LayerGradients
+from lightning_ntk.demos import Classifier
 
 CLASSES = 10
 
@@ -212,8 +213,8 @@ def correctness(device: torch.device, sizes: Sizes) -> list[tuple[str, float, fl
     for name, (cpu_model, x) in cases.items():
         model, dx = copy.deepcopy(cpu_model).to(device), x.to(device)
         for route, weight in (("fold", float("inf")), ("FFT", 0.0)):
-            want = ln.LayerGradients(cpu_model, batch_classes=False).project(x, ln.SketchProjector(300, 3, fft_weight=weight))
-            got = ln.LayerGradients(model, batch_classes=True).project(dx, ln.SketchProjector(300, 3, fft_weight=weight))
+            want = LayerGradients(cpu_model, batch_classes=False).project(x, ln.SketchProjector(300, 3, fft_weight=weight))
+            got = LayerGradients(model, batch_classes=True).project(dx, ln.SketchProjector(300, 3, fft_weight=weight))
             results.append((f"{name}: sketch features, {route} route, classes batched", relative(got, want), 1e-9))
         want = ln.project_features(cpu_model, x, projection_dim=300, projector="sketch", seed=3)
         got = ln.project_features(model, dx, projection_dim=300, projector="sketch", seed=3)

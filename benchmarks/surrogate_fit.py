@@ -38,7 +38,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 import lightning_ntk as ln
-from lightning_ntk.datasets import load_digits_tensors
+from lightning_ntk.demos import load_digits_tensors
 
 ALPHA = 1e-4
 PROJECTION_DIM = 512

@@ -206,7 +206,7 @@ class PerExampleGradients:
         def logits(params: dict[str, torch.Tensor], single_input: Any) -> torch.Tensor:
             batched = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, single_input)
             args, kwargs = self.task.arguments(batched)
-            out = functional_call(self.model, (params, buffers), args=args, kwargs=kwargs).squeeze(0)
+            out = self.task.logits(functional_call(self.model, (params, buffers), args=args, kwargs=kwargs)).squeeze(0)
             return out.sum() if summed else out
 
         return logits

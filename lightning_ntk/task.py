@@ -195,9 +195,3 @@ def iter_batches(data: Any, batch_size: int) -> Iterator[Any]:
 def is_raw_inputs(data: Any) -> bool:
     """Whether ``data`` is the inputs themselves rather than an iterable of batches."""
     return isinstance(data, (torch.Tensor, dict))
-
-
-def differentiable(inputs: Any) -> Any:
-    """Inputs usable by autograd: inference-mode tensors (e.g. batches of ``trainer.validate``), which
-    autograd cannot save, are cloned."""
-    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t, inputs)

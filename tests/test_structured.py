@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_ntk as ln
+from lightning_ntk.layers import LayerGradients
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
@@ -104,7 +105,7 @@ def explicit_sketch(signals, sketch, dtype=torch.float64):
 def test_layer_gradients_match_brute_force(case):
     model, inputs = make(case)
     model.train()  # BatchNorm must run on its running statistics, and the modes be restored
-    signals = ln.LayerGradients(model)(inputs)
+    signals = LayerGradients(model)(inputs)
     assert all(m.training for m in model.modules())
     got = {}
     for sig in signals:
@@ -125,7 +126,7 @@ def test_layer_gradients_match_brute_force(case):
 def test_sketch_equals_explicit_count_sketch(case, route):
     """Both routes, from the recorded signals and inside the backward pass, whole or one example per piece."""
     model, inputs = make(case)
-    gradients = ln.LayerGradients(model)
+    gradients = LayerGradients(model)
     signals = gradients(inputs)
     for k in (7, 64):  # fewer buckets than a layer has columns, and more
         for piece_bytes in (None, 1):
@@ -139,14 +140,14 @@ def test_pntk_sketch_is_the_sketch_of_the_summed_gradient():
     model, x = SmallCNN().double(), torch.randn(6, 2, 7, 7, dtype=torch.float64)
     features = ln.project_features(model, x, kind="pntk", projection_dim=32, projector="sketch", seed=2)
     assert features.shape == (6, 32)
-    signals = ln.LayerGradients(model)(x, summed=True)
+    signals = LayerGradients(model)(x, summed=True)
     torch.testing.assert_close(features, explicit_sketch(signals, ln.SketchProjector(32, seed=2))[:, 0])
 
 
 def test_sketch_is_unbiased():
     model, x = conv_net().double(), torch.randn(8, 3, 8, 8, dtype=torch.float64)
     exact = ln.exact_kernel(model, x, kind="trntk0", method="vmap")
-    signals = ln.LayerGradients(model)(x)
+    signals = LayerGradients(model)(x)
     draws = torch.stack([ln.kernel_from_features(ln.SketchProjector(32, s).project(signals), normalize=False) for s in range(40)])
     z = (draws.mean(0) - exact) / (draws.std(0) / 40**0.5)
     # Every entry is a separate test at 3 standard errors: allow the chance misses of ~0.3% of them.
@@ -165,7 +166,7 @@ def test_sketch_error_is_that_of_a_dense_projection():
     def error(features):
         return (ln.kernel_from_features(features) - exact)[off].abs().mean()
 
-    seeds, signals = range(12), ln.LayerGradients(model)(x)
+    seeds, signals = range(12), LayerGradients(model)(x)
     sketch = torch.stack([error(ln.SketchProjector(128, s).project(signals)) for s in seeds])
     dense = torch.stack([error(ln.RandomProjector(grads.shape[-1], 128, "gaussian", s).project(grads)) for s in seeds])
     assert sketch.mean() <= 1.5 * dense.mean(), (sketch.mean(), dense.mean())
@@ -194,7 +195,7 @@ def test_factored_kernel_equals_the_vmap_kernel(case):
 
 def test_factored_kernel_keeps_factors_where_they_are_cheaper():
     model, x = conv_net().double(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    forms = {sig.block.name: sig.block.kind for sig in ln.layers.gram_factors(ln.LayerGradients(model)(x))}
+    forms = {sig.block.name: sig.block.kind for sig in ln.layers.gram_factors(LayerGradients(model)(x))}
     assert forms == {"0": "flat", "1": "flat", "3": "flat", "5": "outer", "7": "outer"}
 
 
@@ -214,7 +215,7 @@ def test_half_precision_storage_accumulates_in_float32():
 
 def test_fallback_warns_with_the_module_names():
     with pytest.warns(UserWarning, match=r"module\(s\) 'scale' use the generic torch.func path"):
-        ln.LayerGradients(Sequence())
+        LayerGradients(Sequence())
 
 
 def test_weight_used_outside_its_module_falls_back():
@@ -353,7 +354,7 @@ def test_operations_per_batch_do_not_grow_with_the_number_of_classes():
     sketch_ops, floor_ops = {}, {}
     for classes in (10, 100):
         model = resnet(classes).eval()
-        gradients = ln.LayerGradients(model, batch_classes=True)
+        gradients = LayerGradients(model, batch_classes=True)
         projector = ln.SketchProjector(16, fft_weight=float("inf"), piece_bytes=1 << 28)
         features = gradients.project(x, projector)  # the first batch also checks the model's structure
         assert features.shape == (4, classes, 16) and not gradients.fallback_modules
@@ -367,12 +368,12 @@ def test_operations_per_batch_do_not_grow_with_the_number_of_classes():
 @pytest.mark.parametrize("batch_classes", [True, False])
 def test_classes_batched_or_not_give_the_same_features(batch_classes):
     model, x = resnet().double(), torch.randn(5, 3, 8, 8, dtype=torch.float64)
-    signals = ln.LayerGradients(model)(x)
+    signals = LayerGradients(model)(x)
     sketch = ln.SketchProjector(40, seed=1)
-    got = ln.LayerGradients(model, batch_classes=batch_classes).project(x, sketch)
+    got = LayerGradients(model, batch_classes=batch_classes).project(x, sketch)
     torch.testing.assert_close(got, explicit_sketch(signals, sketch), rtol=1e-9, atol=1e-12)
     # Groups of classes when one group's output gradients would not fit the memory budget.
-    grouped = ln.LayerGradients(model, memory_budget=1, batch_classes=batch_classes).project(x, sketch)
+    grouped = LayerGradients(model, memory_budget=1, batch_classes=batch_classes).project(x, sketch)
     torch.testing.assert_close(grouped, got, rtol=1e-9, atol=1e-12)
 
 
@@ -399,9 +400,9 @@ def test_backward_without_a_batching_rule_runs_class_by_class():
 
     model, x = Model().double(), torch.randn(5, 4, dtype=torch.float64)
     sketch = ln.SketchProjector(16)
-    got = ln.LayerGradients(model, batch_classes=True).project(x, sketch)
-    torch.testing.assert_close(got, ln.LayerGradients(model, batch_classes=False).project(x, sketch))
-    torch.testing.assert_close(got, explicit_sketch(ln.LayerGradients(model)(x), sketch), rtol=1e-9, atol=1e-12)
+    got = LayerGradients(model, batch_classes=True).project(x, sketch)
+    torch.testing.assert_close(got, LayerGradients(model, batch_classes=False).project(x, sketch))
+    torch.testing.assert_close(got, explicit_sketch(LayerGradients(model)(x), sketch), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("precision", ["bf16-autocast", "float16", "bfloat16"])
@@ -472,4 +473,4 @@ def test_fallback_stays_within_the_memory_budget(batch):
     assert 0 < largest.bytes <= budget
     whole = ln.Featurizer(model, projection_dim=64, projector="sketch", memory_budget=1 << 30).featurize_batch(x)
     torch.testing.assert_close(features, whole, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(features, explicit_sketch(ln.LayerGradients(model)(x), ln.SketchProjector(64)), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(features, explicit_sketch(LayerGradients(model)(x), ln.SketchProjector(64)), rtol=1e-9, atol=1e-12)
