@@ -131,7 +131,8 @@ class _CrossEntropy:
             blocks[second, first] = grams
             diagonal = blocks.sum(1)
             blocks = -blocks
-            blocks[torch.arange(outputs), torch.arange(outputs)] = diagonal
+            each = torch.arange(outputs, device=design.device)
+            blocks[each, each] = diagonal
         return blocks.permute(2, 0, 3, 1).reshape(width * outputs, width * outputs) / count
 
     def mean_curvature(self, probabilities: torch.Tensor) -> float:
