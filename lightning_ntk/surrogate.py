@@ -12,10 +12,10 @@ directions: beyond the kernel's top eigenvectors the curvature of the loss, at m
 ``λ²/N``, is below ``α``. So a randomized Nyström approximation of those eigenvectors (two passes
 over the kernel) gives a preconditioner that is the exact Hessian on them and on the bias,
 rebuilt from the examples' current probabilities at every step, and ``α`` elsewhere. Each Newton
-step solves its system by preconditioned conjugate gradients (usually one to three Hessian
-products) and ends with an exact line search, which is cheap because the logits are linear in the
-step. A fit takes about a dozen steps and a few dozen passes over the kernel, so its cost grows like
-the kernel's size, ``N²``. Kernel products run in the kernel's precision (float32 is memory-bound and
+step solves its system by preconditioned conjugate gradients (about two Hessian products) and ends
+with an exact line search, which is cheap because the logits are linear in the step. A fit takes
+about ten steps and a few dozen passes over the kernel, so its cost grows like the kernel's size,
+``N²`` (``benchmarks/surrogate_fit.py``). Kernel products run in the kernel's precision (float32 is memory-bound and
 twice as fast), everything else in float64.
 """
 
@@ -66,7 +66,8 @@ class _CrossEntropy:
     its solver needs.
 
     Multinomial: softmax. One example's Hessian ``diag(p) − p pᵀ`` is written as the sum of PSD terms
-    ``Σ_{k<l} p_k p_l (e_k − e_l)(e_k − e_l)ᵀ``, so that its projection stays PSD in floating point.
+    ``Σ_{k<l} p_k p_l (e_k − e_l)(e_k − e_l)ᵀ``, so that its projection is assembled without
+    cancellation and stays PSD in floating point.
     One-vs-rest and single logit: independent sigmoids with per-entry weights ``w`` (sklearn's
     ``class_weight="balanced"`` for ``ovr``); Hessian ``w σ(1 − σ)``, diagonal across outputs.
     """
@@ -105,29 +106,34 @@ class _CrossEntropy:
             product = self._weighted(probabilities * (1 - probabilities)) * logit_step
         return product / len(probabilities)
 
-    def subspace_hessian(self, probabilities: torch.Tensor, design: torch.Tensor) -> torch.Tensor:
+    def subspace_hessian(self, probabilities: torch.Tensor, design: torch.Tensor, block_elements: int = 1 << 20) -> torch.Tensor:
         """``Σ_i (design_i design_iᵀ) ⊗ H_i / N``, the Hessian of the mean loss with respect to the
-        coefficients ``A`` of logits ``design @ A`` (``[q, C]``, flattened row-major)."""
+        coefficients ``A`` of logits ``design @ A`` (``[q, C]``, flattened row-major).
+
+        It is made of ``q×q`` Gram matrices ``designᵀ diag(w) design``, one per pair of outputs (per
+        output without the softmax), computed together in row blocks of ``block_elements``."""
         count, width = design.shape
         outputs = probabilities.shape[1]
-        hessian = design.new_zeros(width, outputs, width, outputs)
-
-        def gram(weights: torch.Tensor) -> torch.Tensor:
-            return (design * weights[:, None]).T @ design
-
+        if self.multinomial:  # block (k, l) is −G_kl, block (k, k) is Σ_l G_kl, with weights p_k p_l
+            first, second = torch.triu_indices(outputs, outputs, 1, device=design.device)
+            weights = probabilities[:, first] * probabilities[:, second]
+        else:  # block (k, k) alone, with weights w σ(1 − σ)
+            first = second = torch.arange(outputs, device=design.device)
+            weights = self._weighted(probabilities * (1 - probabilities))
+        rows = max(1, block_elements // (weights.shape[1] * width))
+        grams = sum(
+            (weights[start : start + rows, :, None] * design[start : start + rows, None, :]).flatten(1).T @ design[start : start + rows]
+            for start in range(0, count, rows)
+        ).reshape(-1, width, width)
+        blocks = design.new_zeros(outputs, outputs, width, width)
+        blocks[first, second] = grams
         if self.multinomial:
-            for k in range(outputs):
-                for l in range(k + 1, outputs):
-                    block = gram(probabilities[:, k] * probabilities[:, l])
-                    hessian[:, k, :, k] += block
-                    hessian[:, l, :, l] += block
-                    hessian[:, k, :, l] -= block
-                    hessian[:, l, :, k] -= block
-        else:
-            curvature = self._weighted(probabilities * (1 - probabilities))
-            for k in range(outputs):
-                hessian[:, k, :, k] = gram(curvature[:, k])
-        return hessian.reshape(width * outputs, width * outputs) / count
+            blocks[second, first] = grams
+            diagonal = blocks.sum(1)
+            blocks = -blocks
+            each = torch.arange(outputs, device=design.device)
+            blocks[each, each] = diagonal
+        return blocks.permute(2, 0, 3, 1).reshape(width * outputs, width * outputs) / count
 
     def mean_curvature(self, probabilities: torch.Tensor) -> float:
         """The mean of the Hessian's diagonal entries over examples and outputs."""
@@ -537,6 +543,11 @@ def _labels(train_labels: Any, num_train: int, num_outputs: int | None) -> tuple
         )
     if labels.min() < 0:
         raise ValueError(f"Labels must be class indices ≥ 0, got {int(labels.min())}.")
+    if labels.unique().numel() < 2:
+        raise ValueError(
+            f"All {num_train} training labels are {int(labels[0])}: a classifier needs examples of at least two classes "
+            "(with one, its objective has no minimum). Fit on a training subset that holds several classes."
+        )
     classes = int(labels.max()) + 1
     outputs = num_outputs if num_outputs is not None else max(classes, 2)
     limit = 2 if outputs == 1 else outputs

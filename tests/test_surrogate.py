@@ -337,6 +337,8 @@ def test_clear_errors(digits):
         fit_from_kernel(k, y.float())
     with pytest.raises(ValueError, match="Labels go up to 9.*num_outputs"):
         fit_from_kernel(k, y, num_outputs=3)
+    with pytest.raises(ValueError, match="All 50 training labels are 0: .*at least two classes"):
+        fit_from_kernel(k, torch.zeros(50, dtype=torch.long))
     with pytest.raises(ValueError, match="Unknown formulation 'svm'"):
         fit_from_kernel(k, y, formulation="svm")
     with pytest.raises(ValueError, match="alpha is an L2 penalty and must be > 0.*no minimum"):
