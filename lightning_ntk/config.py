@@ -100,8 +100,8 @@ class SurrogateConfig(_Options):
     warm_start: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
-            raise ValueError(f"alpha is an L2 penalty and must be a number ≥ 0, got {self.alpha!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha is an L2 penalty and must be a number > 0 (without it the fit has no minimum), got {self.alpha!r}.")
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"Unknown formulation {self.formulation!r}; choose one of {FORMULATIONS}.")
         _check_count("max_iter", self.max_iter, allow_none=False)

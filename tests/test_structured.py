@@ -267,7 +267,7 @@ def test_inference_mode_batches_and_non_finite_gradients():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="Unknown method"):
         ln.exact_kernel(mlp(), torch.randn(3, 6), method="fast")
-    with pytest.raises(ValueError, match="method='factored' computes the kinds"):
+    with pytest.raises(ValueError, match="method='factored' computes the kernels trntk, trntk0 and pntk"):
         ln.exact_kernel(mlp(), torch.randn(3, 6), kind="entk", method="factored")
     with pytest.raises(ValueError, match="projection_dim must be a positive integer"):
         ln.project_features(mlp(), torch.randn(3, 6), projection_dim=0, projector="sketch")
