@@ -22,12 +22,11 @@ fall back, per module, to the generic ``torch.func`` path of
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import Counter
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -35,7 +34,7 @@ from torch.func import vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
-from .jacobian import ParamSelection, PerExampleGradients, check_logits, eval_mode, select_parameters
+from .jacobian import ParamSelection, PerExampleGradients, _autograd_on, check_logits, eval_mode, select_parameters
 from .projection import DEFAULT_MEMORY_BUDGET
 from .task import Task, batch_size_of, differentiable, slice_inputs
 
@@ -295,21 +294,6 @@ class _Tap(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (layer_input,) = ctx.saved_tensors
         return grad, None, ctx.fn(layer_input, grad), None
-
-
-@contextlib.contextmanager
-def _autograd_on(params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
-    """Gradients recorded whatever the caller's mode (``no_grad``, ``inference_mode``), and ``params``
-    requiring them meanwhile."""
-    frozen = [p for p in params if not p.requires_grad]
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            for p in frozen:
-                p.requires_grad_(True)
-            yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
 
 
 def _reached_around(root, outputs: dict[str, set], blocks: list[Block], params: dict[str, nn.Parameter]) -> set[str]:

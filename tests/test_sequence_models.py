@@ -1,0 +1,135 @@
+"""Models that torch.func cannot run (recurrent layers, custom autograd Functions) and transformers:
+every kernel and feature against a brute-force loop of torch.autograd.grad calls, in float64."""
+
+import dataclasses
+
+import pytest
+import torch
+from test_exact_kernels import brute_force_gradients, brute_force_kernel
+from test_structured import explicit_sketch
+from torch import nn
+
+import lightning_ntk as ln
+from lightning_ntk.layers import LayerSignals
+
+
+class Recurrent(nn.Module):
+    """Token embedding, a GRU or LSTM, and a linear head on the last state."""
+
+    def __init__(self, cell, vocab=11, dim=4, hidden=5, classes=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, dim)
+        self.rnn = cell(dim, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(torch.tanh(out[:, -1]))
+
+
+def tokens(n=5, length=6, seed=1):
+    return torch.randint(0, 11, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def brute_force_signals(model, inputs, blocks):
+    """Each block's per-example, per-class gradients from the brute-force loop, in the block's layout
+    (weight columns then the bias column for linear layers), as ``flat`` signals with the block's shape."""
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    grads = dict(zip(names, brute_force_gradients(model, inputs).split(sizes, dim=-1)))
+    signals = []
+    for blk in blocks:
+        parts = [grads[n] for n in blk.params]
+        if blk.kind == "outer" and len(parts) == 2:
+            b, c = parts[0].shape[:2]
+            g = torch.cat([parts[0].reshape(b, c, blk.rows, -1), parts[1].reshape(b, c, blk.rows, 1)], -1)
+        else:
+            g = torch.cat(parts, -1)
+        signals.append(LayerSignals(dataclasses.replace(blk, kind="flat"), None, g.reshape(*g.shape[:2], -1).transpose(0, 1)))
+    return signals
+
+
+RECURRENT = {"gru": nn.GRU, "lstm": nn.LSTM}
+
+
+@pytest.mark.filterwarnings("ignore:Per-example gradients of module")
+@pytest.mark.parametrize("cell", RECURRENT)
+def test_recurrent_exact_kernels_fall_back_to_a_loop(cell):
+    model, x, y = Recurrent(RECURRENT[cell]).double(), tokens(), tokens(3, seed=2)
+    for method in ("factored", "vmap"):
+        with pytest.warns(UserWarning, match=r"torch.func \(vmap/jacrev\) cannot run module 'rnn'"):
+            got = ln.exact_kernel(model, x, y, kind="trntk", method=method, batch_size=3)
+        want = brute_force_kernel(brute_force_gradients(model, x), brute_force_gradients(model, y), "trntk")
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    with pytest.warns(UserWarning, match="cannot run module 'rnn'"):
+        pntk = ln.exact_kernel(model, x, kind="pntk", method="vmap")
+    g = brute_force_gradients(model, x)
+    torch.testing.assert_close(pntk, brute_force_kernel(g, g, "pntk"), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Per-example gradients of module")
+@pytest.mark.parametrize("cell", RECURRENT)
+def test_recurrent_projected_features_fall_back_to_a_loop(cell):
+    model, x = Recurrent(RECURRENT[cell]).double(), tokens()
+    g = brute_force_gradients(model, x)
+    with pytest.warns(UserWarning, match="cannot run module 'rnn'"):
+        dense = ln.project_features(model, x, projection_dim=24, projector="rademacher", seed=4, batch_size=3)
+    projector = ln.RandomProjector(g.shape[-1], 24, "rademacher", seed=4)
+    torch.testing.assert_close(dense, projector.project(g), rtol=1e-9, atol=1e-12)
+
+    featurizer = ln.Featurizer(model, projection_dim=24, projector="sketch", seed=4)
+    with pytest.warns(UserWarning, match="cannot run module 'rnn'"):
+        sketch = featurizer(x, batch_size=3)
+    assert featurizer.gradients.fallback_modules == ["rnn"]
+    want = explicit_sketch(brute_force_signals(model, x, featurizer.gradients.all_blocks), featurizer.projector)
+    torch.testing.assert_close(sketch, want, rtol=1e-9, atol=1e-12)
+
+
+class Cube(torch.autograd.Function):
+    """A custom autograd Function without a vmap rule: torch.func refuses it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class CubeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.outer = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.outer(Cube.apply(self.inner(x)))
+
+
+def test_custom_autograd_function_falls_back_to_a_loop():
+    model, x = CubeNet().double(), torch.randn(4, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="cannot run module '<model>'"):
+        got = ln.exact_kernel(model, x, kind="trntk0", method="vmap")
+    g = brute_force_gradients(model, x)
+    torch.testing.assert_close(got, brute_force_kernel(g, g, "trntk0"), rtol=1e-9, atol=1e-12)
+
+
+class Unrunnable(nn.Module):
+    """Fails under torch.func and under autograd alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return torch.from_numpy(self.fc(x).numpy())  # refused under vmap, and where it requires grad
+
+
+def test_what_no_path_can_compute_names_the_cause():
+    model, x = Unrunnable().double(), torch.randn(3, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning), pytest.raises(ln.FunctionalForwardError, match="loop of torch.autograd.grad calls failed"):
+        ln.exact_kernel(model, x, kind="trntk", method="vmap")
