@@ -367,6 +367,7 @@ class LayerGradients:
         self.fallback_modules: list[str] = []
         self._fall_back(fallback, "is not supported by the structured path")
         self._checked = False
+        self._broadcast: set[str] = set()  # embeddings that see one row of ids for the whole batch
         self._vmap_backward = True  # until an operation turns out to have no batching rule
         self._vmapping = False  # whether the backward pass running is vmapped over classes
 
@@ -477,9 +478,14 @@ class LayerGradients:
         index = {id(blk.module): (position, blk) for position, blk in enumerate(self.blocks)}
         calls: list[_Call] = []
 
+        batch = batch_size_of(inputs)
+
         def hook(module, args, output):
             position, blk = index[id(module)]
-            calls.append(_Call(blk, position, args[0], args[0]._version, output.numel() * output.element_size()))
+            x = args[0]
+            if blk.name in self._broadcast and x.shape[0] == 1:  # one row for all examples: each its own copy
+                x, output = x.expand(batch, *x.shape[1:]), output.expand(batch, *output.shape[1:])
+            calls.append(_Call(blk, position, x, x._version, output.numel() * output.element_size()))
             return output_of(calls[-1], output)
 
         handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
@@ -540,7 +546,9 @@ class LayerGradients:
         """Once, on the first example: send to the fallback the blocks whose parameters reach the logits
         other than through the block's outputs (e.g. a weight tied to another layer), and those whose
         input or output does not hold the batch in its first dimension (seen with batches of one and two
-        copies of the example). Both are properties of the model's structure, so the decision holds at
+        copies of the example); an embedding that sees one row of ids for both (e.g. position ids) is taken
+        as broadcast over the batch, and its output expanded so that each example has its own copy. These
+        are properties of the model's structure, so the decision holds at
         any precision (TF32, autocast, half-precision weights); exactness itself is tested in float64."""
         if self._checked or not self.blocks:
             return
@@ -549,6 +557,7 @@ class LayerGradients:
         two = tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) else t, one)
         index = {id(blk.module): blk for blk in self.blocks}
         wrong_batch: set[str] = set()
+        broadcast: set[str] = set()
         runs: list[Counter] = []
         with eval_mode(self.model), _autograd_on(self.params.values()):
             for n, sample in ((1, one), (2, two)):
@@ -559,7 +568,9 @@ class LayerGradients:
                     blk = index[id(module)]
                     calls[blk.name] += 1
                     outputs.setdefault(blk.name, set()).add(output.grad_fn)
-                    if args[0].shape[:1] != (n,) or output.shape[:1] != (n,):
+                    if n > 1 and blk.kind == "embedding" and args[0].shape[:1] == output.shape[:1] == (1,):
+                        broadcast.add(blk.name)
+                    elif args[0].shape[:1] != (n,) or output.shape[:1] != (n,):
                         wrong_batch.add(blk.name)
 
                 handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
@@ -571,6 +582,7 @@ class LayerGradients:
                 runs.append(calls)
             around = _reached_around(logits.grad_fn, outputs, self.blocks, self.params) if logits.grad_fn is not None else set()
         wrong_batch |= {name for name in runs[0] | runs[1] if runs[0][name] != runs[1][name]}
+        self._broadcast = broadcast - wrong_batch
         if wrong_batch:
             self._fall_back([blk.name for blk in self.blocks if blk.name in wrong_batch],
                             "does not hold the batch in the first dimension of its input and output")

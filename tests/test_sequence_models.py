@@ -133,3 +133,58 @@ def test_what_no_path_can_compute_names_the_cause():
     model, x = Unrunnable().double(), torch.randn(3, 3, dtype=torch.float64)
     with pytest.warns(UserWarning), pytest.raises(ln.FunctionalForwardError, match="loop of torch.autograd.grad calls failed"):
         ln.exact_kernel(model, x, kind="trntk", method="vmap")
+
+
+transformers = pytest.importorskip("transformers")
+
+
+class Logits(nn.Module):
+    """A Hugging Face classifier returning its logits tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def small_bert(seed=0, vocab=20, hidden=8, classes=3):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
+        max_position_embeddings=16, num_labels=classes,
+    )
+    return Logits(transformers.BertForSequenceClassification(config)).double()
+
+
+def padded_tokens(n=4, length=6, seed=1, vocab=20):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, length), generator=g)
+    mask = (torch.arange(length)[None] < torch.randint(2, length + 1, (n,), generator=g)[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def test_bert_takes_the_structured_path_with_exact_kernels(recwarn):
+    model, x, y = small_bert(), padded_tokens(), padded_tokens(3, seed=2)
+    gradients = ln.LayerGradients(model)
+    gradients(x)
+    assert not gradients.fallback_modules and gradients._flat is None
+    assert {n for blk in gradients.blocks for n in blk.params} == set(dict(model.named_parameters()))
+    assert "model.bert.embeddings.position_embeddings" in {blk.name for blk in gradients.blocks}
+    assert not [w for w in recwarn if "Per-example gradients" in str(w.message)]
+    g_x, g_y = brute_force_gradients(model, x), brute_force_gradients(model, y)
+    for kind in ("trntk", "trntk0", "pntk"):
+        want = brute_force_kernel(g_x, g_y, kind)
+        torch.testing.assert_close(ln.factored_kernel(model, x, y, kind, batch_size=3), want, rtol=1e-9, atol=1e-12)
+    with pytest.warns(UserWarning, match="cannot run"):  # the attention mask's data-dependent checks
+        vmapped = ln.exact_kernel(model, x, y, kind="trntk", method="vmap")
+    torch.testing.assert_close(vmapped, brute_force_kernel(g_x, g_y, "trntk"), rtol=1e-9, atol=1e-12)
+
+
+def test_bert_sketch_is_the_sketch_of_the_brute_force_gradients():
+    model, x = small_bert(), padded_tokens()
+    featurizer = ln.Featurizer(model, projection_dim=64, projector="sketch", seed=5)
+    features = featurizer(x, batch_size=3)
+    want = explicit_sketch(brute_force_signals(model, x, featurizer.gradients.all_blocks), featurizer.projector)
+    torch.testing.assert_close(features, want, rtol=1e-9, atol=1e-12)
