@@ -51,7 +51,8 @@ class Block:
     ``outer`` (Linear, ConvNd): rows are output channels, columns the input patch (``in/groups ·
     kernel``) then a column for the bias; ``embedding``: rows are tokens, columns the embedding
     dimension; ``scale`` (normalisation affine): one row, the weight's then the bias's entries;
-    ``flat``: one row holding the per-example gradients of the modules that fell back.
+    ``flat``: one row holding the per-example gradients of the modules that fell back. ``transposed``:
+    the weight is stored ``[in, out]`` (Hugging Face's ``Conv1D``), the transpose of ``G``'s weight columns.
     """
 
     name: str
@@ -62,25 +63,32 @@ class Block:
     groups: int = 1
     shapes: tuple[torch.Size, ...] = ()
     module: nn.Module | None = field(default=None, compare=False, repr=False)
+    transposed: bool = False
 
     @property
     def size(self) -> int:
         return self.rows * self.cols
 
 
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer ``x W + b`` with its weight stored ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+
+
 def _outer_block(name: str, module: nn.Module, chosen: dict[str, nn.Parameter]) -> Block:
     weight, bias = f"{name}.weight" if name else "weight", f"{name}.bias" if name else "bias"
     groups = getattr(module, "groups", 1)
-    patch = module.weight[0].numel() if weight in chosen else 0
-    cols = patch + (1 if bias in chosen else 0)
+    transposed = _is_transposed_linear(module)
+    rows, patch = (module.weight.shape[1], module.weight.shape[0]) if transposed else (module.weight.shape[0], module.weight[0].numel())
+    cols = (patch if weight in chosen else 0) + (1 if bias in chosen else 0)
     names = tuple(n for n in (weight, bias) if n in chosen)
-    return Block(name, "outer", names, module.weight.shape[0], cols, groups, tuple(chosen[n].shape for n in names), module)
+    return Block(name, "outer", names, rows, cols, groups, tuple(chosen[n].shape for n in names), module, transposed)
 
 
 def _supported(module: nn.Module) -> bool:
     """Whether the module's gradient is structured as this module knows it: exact types only (a subclass
     may change forward), no options that make gradients depend on more than the signals."""
-    if type(module) not in SUPPORTED_TYPES or "forward" in vars(module):
+    if not (type(module) in SUPPORTED_TYPES or _is_transposed_linear(module)) or "forward" in vars(module):
         return False
     if not set(module._parameters) <= {"weight", "bias"}:  # e.g. the weight_g/weight_v of weight_norm
         return False
@@ -133,7 +141,7 @@ def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: b
     copied once from the input. A convolution's are laid out positions-last in memory (``[B, groups,
     cols, T]``), the order in which they are read from the input fastest."""
     b = x.shape[0]
-    if isinstance(module, nn.Linear):
+    if not isinstance(module, CONV_TYPES):  # Linear, Conv1D
         source = x.reshape(b, -1, 1, x.shape[-1])
         cols = x.shape[-1] if with_weight else 0
         a = x.new_empty(b, source.shape[1], 1, cols + with_bias)
@@ -237,8 +245,15 @@ class LayerSignals:
         blk = self.block
         g = self.matrix()
         b, c = g.shape[:2]
-        if blk.kind == "outer" and len(blk.params) == 2:  # the weight's columns, then the bias column
-            return {blk.params[0]: g[..., :-1].reshape(b, c, *blk.shapes[0]), blk.params[1]: g[..., -1]}
+        if blk.kind == "outer":  # the weight's columns, then the bias column
+            with_bias = blk.params[-1].endswith("bias")
+            grads = {}
+            if blk.params[0].endswith("weight"):
+                weight = g[..., :-1] if with_bias else g
+                grads[blk.params[0]] = (weight.transpose(-1, -2) if blk.transposed else weight).reshape(b, c, *blk.shapes[0])
+            if with_bias:
+                grads[blk.params[-1]] = g[..., -1]
+            return grads
         sizes = [math.prod(shape) for shape in blk.shapes]
         parts = g.reshape(b, c, -1).split(sizes, dim=-1)
         return {n: part.reshape(b, c, *shape) for n, part, shape in zip(blk.params, parts, blk.shapes)}

@@ -2,6 +2,7 @@
 every kernel and feature against a brute-force loop of torch.autograd.grad calls, in float64."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -41,9 +42,16 @@ def brute_force_signals(model, inputs, blocks):
     signals = []
     for blk in blocks:
         parts = [grads[n] for n in blk.params]
-        if blk.kind == "outer" and len(parts) == 2:
+        if blk.kind == "outer":  # weight columns, then the bias column
             b, c = parts[0].shape[:2]
-            g = torch.cat([parts[0].reshape(b, c, blk.rows, -1), parts[1].reshape(b, c, blk.rows, 1)], -1)
+            with_bias = blk.params[-1].endswith("bias")
+            if blk.params[0].endswith("weight"):
+                inputs = blk.cols - with_bias
+                weight = parts[0].reshape(b, c, *((inputs, blk.rows) if blk.transposed else (blk.rows, inputs)))
+                parts[0] = weight.transpose(-1, -2) if blk.transposed else weight
+            if with_bias:
+                parts[-1] = parts[-1].reshape(b, c, blk.rows, 1)
+            g = torch.cat(parts, -1)
         else:
             g = torch.cat(parts, -1)
         signals.append(LayerSignals(dataclasses.replace(blk, kind="flat"), None, g.reshape(*g.shape[:2], -1).transpose(0, 1)))
@@ -158,6 +166,16 @@ def small_bert(seed=0, vocab=20, hidden=8, classes=3):
     return Logits(transformers.BertForSequenceClassification(config)).double()
 
 
+def small_gpt2(seed=0, vocab=20, hidden=8, classes=3):
+    """GPT-2's layers are Hugging Face ``Conv1D``s: linear layers with transposed weights."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=2, n_head=2, n_positions=16, num_labels=classes, pad_token_id=0)
+    return Logits(transformers.GPT2ForSequenceClassification(config)).double()
+
+
+TRANSFORMERS = {"bert": (small_bert, "model.bert.embeddings.position_embeddings"), "gpt2": (small_gpt2, "model.transformer.wpe")}
+
+
 def padded_tokens(n=4, length=6, seed=1, vocab=20):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (n, length), generator=g)
@@ -165,25 +183,33 @@ def padded_tokens(n=4, length=6, seed=1, vocab=20):
     return {"input_ids": ids * mask, "attention_mask": mask}
 
 
-def test_bert_takes_the_structured_path_with_exact_kernels(recwarn):
-    model, x, y = small_bert(), padded_tokens(), padded_tokens(3, seed=2)
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_transformer_takes_the_structured_path_with_exact_kernels(name, recwarn):
+    make_model, positions = TRANSFORMERS[name]
+    model, x, y = make_model(), padded_tokens(), padded_tokens(3, seed=2)
     gradients = ln.LayerGradients(model)
-    gradients(x)
+    signals = gradients(x)
     assert not gradients.fallback_modules and gradients._flat is None
-    assert {n for blk in gradients.blocks for n in blk.params} == set(dict(model.named_parameters()))
-    assert "model.bert.embeddings.position_embeddings" in {blk.name for blk in gradients.blocks}
+    assert positions in {blk.name for blk in gradients.blocks}  # position ids are one row for the batch
     assert not [w for w in recwarn if "Per-example gradients" in str(w.message)]
     g_x, g_y = brute_force_gradients(model, x), brute_force_gradients(model, y)
+    got = {n: g for sig in signals for n, g in sig.parameter_gradients().items()}
+    names, sizes = zip(*[(n, p.numel()) for n, p in model.named_parameters()])
+    assert sorted(got) == sorted(names)
+    for n, want, p in zip(names, g_x.split(sizes, dim=-1), model.parameters()):
+        torch.testing.assert_close(got[n], want.reshape(*want.shape[:2], *p.shape), rtol=1e-9, atol=1e-12, msg=n)
     for kind in ("trntk", "trntk0", "pntk"):
         want = brute_force_kernel(g_x, g_y, kind)
         torch.testing.assert_close(ln.factored_kernel(model, x, y, kind, batch_size=3), want, rtol=1e-9, atol=1e-12)
-    with pytest.warns(UserWarning, match="cannot run"):  # the attention mask's data-dependent checks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.func may not run the attention mask's data-dependent checks
         vmapped = ln.exact_kernel(model, x, y, kind="trntk", method="vmap")
     torch.testing.assert_close(vmapped, brute_force_kernel(g_x, g_y, "trntk"), rtol=1e-9, atol=1e-12)
 
 
-def test_bert_sketch_is_the_sketch_of_the_brute_force_gradients():
-    model, x = small_bert(), padded_tokens()
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_transformer_sketch_is_the_sketch_of_the_brute_force_gradients(name):
+    model, x = TRANSFORMERS[name][0](), padded_tokens()
     featurizer = ln.Featurizer(model, projection_dim=64, projector="sketch", seed=5)
     features = featurizer(x, batch_size=3)
     want = explicit_sketch(brute_force_signals(model, x, featurizer.gradients.all_blocks), featurizer.projector)
