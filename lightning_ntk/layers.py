@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
 from .jacobian import ParamSelection, PerExampleGradients, _autograd_on, check_logits, eval_mode, select_parameters
-from .projection import DEFAULT_MEMORY_BUDGET
+from .projection import DEFAULT_MEMORY_BUDGET, hash_positions
 from .task import Task, batch_size_of, differentiable, slice_inputs
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -75,14 +75,34 @@ def _is_transposed_linear(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
 
 
-def _outer_block(name: str, module: nn.Module, chosen: dict[str, nn.Parameter]) -> Block:
-    weight, bias = f"{name}.weight" if name else "weight", f"{name}.bias" if name else "bias"
+def _outer_block(name: str, module: nn.Module, own: dict[str, str]) -> Block:
+    """``own``: the chosen parameters of the module, from their name in it to their name in the model."""
     groups = getattr(module, "groups", 1)
     transposed = _is_transposed_linear(module)
     rows, patch = (module.weight.shape[1], module.weight.shape[0]) if transposed else (module.weight.shape[0], module.weight[0].numel())
-    cols = (patch if weight in chosen else 0) + (1 if bias in chosen else 0)
-    names = tuple(n for n in (weight, bias) if n in chosen)
-    return Block(name, "outer", names, rows, cols, groups, tuple(chosen[n].shape for n in names), module, transposed)
+    cols = (patch if "weight" in own else 0) + (1 if "bias" in own else 0)
+    names = tuple(own[k] for k in ("weight", "bias") if k in own)
+    shapes = tuple(getattr(module, k).shape for k in ("weight", "bias") if k in own)
+    return Block(name, "outer", names, rows, cols, groups, shapes, module, transposed)
+
+
+def _tie_shares(blocks: list[Block]) -> set[str]:
+    """The blocks that hold a parameter which other blocks hold too (tied weights) and cannot share its
+    sketch: sharing needs every use to hold that parameter alone, laid out as the parameter (rows are
+    its first dimension), in gradient matrices of the same shape."""
+    holders: dict[str, list[Block]] = {}
+    for blk in blocks:
+        for n in blk.params:
+            holders.setdefault(n, []).append(blk)
+    refused = set()
+    for group in holders.values():
+        if len(group) > 1 and not all(
+            len(blk.params) == 1 and blk.kind in ("outer", "embedding") and blk.groups == 1 and not blk.transposed
+            and (blk.rows, blk.cols) == (group[0].rows, group[0].cols)
+            for blk in group
+        ):
+            refused.update(blk.name for blk in group)
+    return refused
 
 
 def _supported(module: nn.Module) -> bool:
@@ -104,33 +124,32 @@ def _supported(module: nn.Module) -> bool:
 def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list[Block], list[str]]:
     """Split the chosen parameters into structured blocks and the names of the modules that fall back.
 
-    A parameter shared by several modules (tied weights) falls back too, since each module would
-    only see its own share of the gradient.
+    A parameter used by several modules (tied weights) gives a block for each use, whose gradients add
+    up: their sketches share a hash (see :func:`~lightning_ntk.projection.hash_positions`), and exact
+    kernels form their sum (see :func:`gram_factors`). Where the uses cannot be laid out alike (see
+    :func:`_tie_shares`), or one of them is not supported, all of them fall back.
     """
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        for p in module._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(name)
+    names_of = {id(p): n for n, p in chosen.items()}
     blocks, fallback = [], []
     seen: set[int] = set()
-    for name, module in model.named_modules():
-        own = {f"{name}.{k}" if name else k: p for k, p in module._parameters.items() if p is not None}
-        own = {n: p for n, p in own.items() if n in chosen}
+    for name, module in model.named_modules(remove_duplicate=False):
+        own = {k: names_of[id(p)] for k, p in module._parameters.items() if p is not None and id(p) in names_of}
         if not own or id(module) in seen:
             continue
         seen.add(id(module))
-        shared = any(len(owners[id(p)]) > 1 for p in own.values())
-        if shared or not _supported(module):
+        if not _supported(module):
             fallback.append(name)
         elif isinstance(module, nn.Embedding):
-            blocks.append(Block(name, "embedding", tuple(own), module.num_embeddings, module.embedding_dim, 1, (module.weight.shape,), module))
+            blocks.append(Block(name, "embedding", tuple(own.values()), module.num_embeddings, module.embedding_dim, 1, (module.weight.shape,), module))
         elif isinstance(module, SCALE_TYPES):
-            shapes = tuple(p.shape for p in own.values())
-            blocks.append(Block(name, "scale", tuple(own), 1, sum(p.numel() for p in own.values()), 1, shapes, module))
+            shapes = tuple(getattr(module, k).shape for k in own)
+            blocks.append(Block(name, "scale", tuple(own.values()), 1, sum(map(math.prod, shapes)), 1, shapes, module))
         else:
-            blocks.append(_outer_block(name, module, chosen))
-    return blocks, fallback
+            blocks.append(_outer_block(name, module, own))
+    refused = _tie_shares(blocks)
+    held_by_fallback = {names_of[id(p)] for name in fallback for p in model.get_submodule(name).parameters(recurse=False) if id(p) in names_of}
+    fallback += [blk.name for blk in blocks if blk.name in refused or set(blk.params) & held_by_fallback]
+    return [blk for blk in blocks if blk.name not in fallback], fallback
 
 
 # -- layer inputs and output gradients -------------------------------------------------------------
@@ -332,7 +351,7 @@ def _reached_around(root, outputs: dict[str, set], blocks: list[Block], params: 
             parents[child].append(node)
     around = set()
     for blk in blocks:
-        stops = outputs.get(blk.name, set())
+        stops = set().union(*(outputs.get(other.name, set()) for other in blocks if set(other.params) & set(blk.params)))
         frontier = [accumulators[id(params[n])] for n in blk.params if id(params[n]) in accumulators]
         seen = set(frontier)
         while frontier and blk.name not in around:
@@ -380,14 +399,17 @@ class LayerGradients:
         self.batch_classes = batch_classes
         self.blocks, fallback = plan_blocks(model, self.params)
         self.fallback_modules: list[str] = []
-        self._fall_back(fallback, "is not supported by the structured path")
+        self._fall_back(fallback, "is not supported by the structured path, or shares a weight with a module that is not or whose gradient is laid out differently")
         self._checked = False
         self._broadcast: set[str] = set()  # embeddings that see one row of ids for the whole batch
         self._vmap_backward = True  # until an operation turns out to have no batching rule
         self._vmapping = False  # whether the backward pass running is vmapped over classes
 
     def _fall_back(self, modules: list[str], reason: str) -> None:
-        """Send ``modules`` to the generic path (with a warning that names them and says why)."""
+        """Send ``modules`` to the generic path (with a warning that names them and says why), and with them
+        the other uses of their tied weights."""
+        dropped = {n for blk in self.blocks if blk.name in modules for n in blk.params}
+        modules = modules + [blk.name for blk in self.blocks if blk.name not in modules and dropped & set(blk.params)]
         self.fallback_modules = self.fallback_modules + modules
         self.blocks = [blk for blk in self.blocks if blk.name not in modules]
         structured = {n for blk in self.blocks for n in blk.params}
@@ -490,7 +512,7 @@ class LayerGradients:
     def _forward(self, inputs: Any, output_of: Callable[[_Call, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, list[_Call]]:
         """Run the model with a hook on every block that records each call and replaces the call's
         output by ``output_of(call, output)``; refuse inputs changed in place after a layer used them."""
-        index = {id(blk.module): (position, blk) for position, blk in enumerate(self.blocks)}
+        index = {id(blk.module): (position, blk) for position, blk in zip(hash_positions(self.blocks), self.blocks)}
         calls: list[_Call] = []
 
         batch = batch_size_of(inputs)
@@ -614,21 +636,31 @@ def gram_factors(signals: list[LayerSignals]) -> list[LayerSignals]:
 
     Linear-like blocks keep their factors (the Gram of a pair costs ``T·T'·(cols + C·rows)``); blocks
     whose positions make that dearer than the gradient itself (``C·rows·cols``), and normalisation
-    blocks, are replaced by their formed per-example gradients, as ``flat`` blocks.
+    blocks, are replaced by their formed per-example gradients, as ``flat`` blocks. The uses of a tied
+    weight are replaced by one ``flat`` block of their summed gradients.
     """
-    out = []
+    uses = Counter(sig.block.params for sig in signals)
+    out, tied = [], {}
     for sig in signals:
         blk, classes = sig.block, sig.grads.shape[0]
-        if blk.kind == "outer":
+        if uses[blk.params] > 1:
+            keep = False
+        elif blk.kind == "outer":
             t = sig.inputs.shape[1]
             keep = t * t * (blk.groups * blk.cols + classes * blk.rows) <= classes * blk.rows * blk.cols
         else:
             keep = blk.kind != "scale"
         if keep:
             out.append(sig)
+            continue
+        grads = sig.matrix().flatten(2).transpose(0, 1)
+        if blk.params in tied:
+            tied[blk.params].grads = tied[blk.params].grads + grads
         else:
             flat = Block(blk.name, "flat", blk.params, 1, blk.size, 1, blk.shapes, blk.module)
-            out.append(LayerSignals(flat, None, sig.matrix().flatten(2).transpose(0, 1)))
+            out.append(LayerSignals(flat, None, grads))
+            if uses[blk.params] > 1:
+                tied[blk.params] = out[-1]
     return out
 
 

@@ -35,13 +35,15 @@ def tokens(n=5, length=6, seed=1):
 
 def brute_force_signals(model, inputs, blocks):
     """Each block's per-example, per-class gradients from the brute-force loop, in the block's layout
-    (weight columns then the bias column for linear layers), as ``flat`` signals with the block's shape."""
+    (weight columns then the bias column for linear layers), as ``flat`` signals with the block's shape;
+    a tied weight's whole gradient in its first use (whose hash the others share), zeros in the others."""
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for p in model.parameters()]
     grads = dict(zip(names, brute_force_gradients(model, inputs).split(sizes, dim=-1)))
-    signals = []
+    signals, seen = [], set()
     for blk in blocks:
-        parts = [grads[n] for n in blk.params]
+        parts = [grads[n] if n not in seen else torch.zeros_like(grads[n]) for n in blk.params]  # a tied weight's once
+        seen.update(blk.params)
         if blk.kind == "outer":  # weight columns, then the bias column
             b, c = parts[0].shape[:2]
             with_bias = blk.params[-1].endswith("bias")
@@ -214,3 +216,45 @@ def test_transformer_sketch_is_the_sketch_of_the_brute_force_gradients(name):
     features = featurizer(x, batch_size=3)
     want = explicit_sketch(brute_force_signals(model, x, featurizer.gradients.all_blocks), featurizer.projector)
     torch.testing.assert_close(features, want, rtol=1e-9, atol=1e-12)
+
+
+class TiedClassifier(nn.Module):
+    """Token embeddings tied to the output layer, as in language models (classes = tokens), plus a
+    linear layer in between that may hold a bias."""
+
+    def __init__(self, vocab=11, dim=4, head_bias=False, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=head_bias)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens)).mean(1)))
+
+
+def test_tied_weights_stay_structured_and_add_up(recwarn):
+    model, x, y = TiedClassifier().double(), tokens(5, 4), tokens(3, 4, seed=2)
+    gradients = ln.LayerGradients(model)
+    signals = gradients(x)
+    assert not gradients.fallback_modules and [blk.name for blk in gradients.blocks] == ["embed", "mix", "head"]
+    assert not [w for w in recwarn if "Per-example gradients" in str(w.message)]
+    g_x, g_y = brute_force_gradients(model, x), brute_force_gradients(model, y)
+    tied = sum(sig.parameter_gradients()["embed.weight"] for sig in signals if sig.block.params == ("embed.weight",))
+    torch.testing.assert_close(tied.flatten(2), g_x[..., : 11 * 4], rtol=1e-9, atol=1e-12)
+    for kind in ("trntk", "trntk0", "pntk"):
+        torch.testing.assert_close(ln.factored_kernel(model, x, y, kind), brute_force_kernel(g_x, g_y, kind), rtol=1e-9, atol=1e-12)
+    featurizer = ln.Featurizer(model, projection_dim=32, projector="sketch", seed=3)
+    want = explicit_sketch(brute_force_signals(model, x, featurizer.gradients.all_blocks), featurizer.projector)
+    torch.testing.assert_close(featurizer(x), want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(featurizer.projector.project(signals), want, rtol=1e-9, atol=1e-12)
+
+
+def test_tied_weights_laid_out_differently_fall_back_together():
+    model, x = TiedClassifier(head_bias=True).double(), tokens(5, 4)
+    with pytest.warns(UserWarning, match=r"'embed', 'head'"):
+        gradients = ln.LayerGradients(model)
+    assert [blk.name for blk in gradients.blocks] == ["mix"]
+    g = brute_force_gradients(model, x)
+    torch.testing.assert_close(ln.factored_kernel(model, x), brute_force_kernel(g, g, "trntk"), rtol=1e-9, atol=1e-12)
