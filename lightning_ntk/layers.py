@@ -22,11 +22,13 @@ fall back, per module, to the generic ``torch.func`` path of
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections import Counter
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -41,7 +43,7 @@ from .task import Task, batch_size_of, differentiable, slice_inputs
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 SCALE_TYPES = BATCH_NORM_TYPES + (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-SUPPORTED_TYPES = (nn.Linear, nn.Embedding) + CONV_TYPES + SCALE_TYPES
+SUPPORTED_TYPES = (nn.Linear, nn.Embedding, nn.MultiheadAttention) + CONV_TYPES + SCALE_TYPES
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,67 @@ def _outer_block(name: str, module: nn.Module, own: dict[str, str]) -> Block:
     return Block(name, "outer", names, rows, cols, groups, shapes, module, transposed)
 
 
+class _PackedProjection(nn.Module):
+    """The in-projection of an ``nn.MultiheadAttention``: three linear maps with the rows of its packed
+    ``in_proj_weight``/``in_proj_bias``, of the query, key and value laid out ``[B, T, 3, E]`` (a grouped
+    linear layer, ``groups = 3``), to ``[B, T, 3E]``. Not a submodule of the model: the attention's
+    forward calls it while the structured path runs (see :func:`_explicit_attention`)."""
+
+    groups = 3
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        self.attention = [attention]  # in a list: not registered as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attention = self.attention[0]
+        e = attention.embed_dim
+        out = torch.einsum("btgi,goi->btgo", x, attention.in_proj_weight.view(3, e, e))
+        if attention.in_proj_bias is not None:
+            out = out + attention.in_proj_bias.view(3, e)
+        return out.flatten(2)
+
+
+def _attention_forward(attention: nn.MultiheadAttention, projection: _PackedProjection, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+    """``nn.MultiheadAttention.forward`` with its in-projection and output projection run as modules on
+    batch-first inputs, so that their hooks see them; the attention itself by
+    ``F.multi_head_attention_forward`` with identity projections (exact)."""
+    if query.dim() != 3:
+        raise ValueError("The structured path needs batched inputs of nn.MultiheadAttention ([B, T, E] or [T, B, E]).")
+    if not attention.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    tq, tk, e = query.shape[1], key.shape[1], attention.embed_dim
+    length = max(tq, tk)  # positions beyond a sequence's end are zeros, which add nothing to the gradient
+    stacked = torch.stack([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in (query, key, value)], dim=2)
+    projected = projection(stacked).unflatten(-1, (3, e))
+    q, k, v = (projected[:, :n, i].transpose(0, 1) for i, n in enumerate((tq, tk, tk)))
+    eye = torch.eye(e, dtype=q.dtype, device=q.device)
+    out, weights = F.multi_head_attention_forward(
+        q, k, v, e, attention.num_heads, None, None, None, None, False, attention.dropout, eye, None,
+        training=attention.training, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+        use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+        average_attn_weights=average_attn_weights, is_causal=is_causal,
+    )
+    out = attention.out_proj(out.transpose(0, 1))
+    return (out if attention.batch_first else out.transpose(0, 1)), weights
+
+
+@contextlib.contextmanager
+def _explicit_attention(model: nn.Module, blocks: list[Block]) -> Iterator[None]:
+    """Every supported ``nn.MultiheadAttention`` of the model runs :func:`_attention_forward` meanwhile,
+    with the in-projection of its block (a fresh one if its parameters are not chosen)."""
+    projections = {id(blk.module.attention[0]): blk.module for blk in blocks if isinstance(blk.module, _PackedProjection)}
+    patched = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and _supported(m)]
+    for m in patched:
+        m.forward = functools.partial(_attention_forward, m, projections.get(id(m)) or _PackedProjection(m))
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 def _tie_shares(blocks: list[Block]) -> set[str]:
     """The blocks that hold a parameter which other blocks hold too (tied weights) and cannot share its
     sketch: sharing needs every use to hold that parameter alone, laid out as the parameter (rows are
@@ -110,7 +173,10 @@ def _supported(module: nn.Module) -> bool:
     may change forward), no options that make gradients depend on more than the signals."""
     if not (type(module) in SUPPORTED_TYPES or _is_transposed_linear(module)) or "forward" in vars(module):
         return False
-    if not set(module._parameters) <= {"weight", "bias"}:  # e.g. the weight_g/weight_v of weight_norm
+    held = {k for k, p in module._parameters.items() if p is not None}
+    if isinstance(module, nn.MultiheadAttention):  # one packed in-projection of inputs of one width
+        return module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn and held <= {"in_proj_weight", "in_proj_bias"}
+    if not held <= {"weight", "bias"}:  # e.g. the weight_g/weight_v of weight_norm
         return False
     if isinstance(module, CONV_TYPES):
         return module.padding_mode in ("zeros", "reflect", "replicate", "circular")
@@ -130,6 +196,8 @@ def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list
     :func:`_tie_shares`), or one of them is not supported, all of them fall back.
     """
     names_of = {id(p): n for n, p in chosen.items()}
+    # the output projection of a supported attention runs as a module (see _explicit_attention)
+    attention_outputs = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention) and _supported(m)}
     blocks, fallback = [], []
     seen: set[int] = set()
     for name, module in model.named_modules(remove_duplicate=False):
@@ -137,8 +205,14 @@ def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list
         if not own or id(module) in seen:
             continue
         seen.add(id(module))
-        if not _supported(module):
+        if not (_supported(module) or id(module) in attention_outputs and "forward" not in vars(module)):
             fallback.append(name)
+        elif isinstance(module, nn.MultiheadAttention):
+            weight, bias = (k in own for k in ("in_proj_weight", "in_proj_bias"))
+            names = tuple(own[k] for k in ("in_proj_weight", "in_proj_bias") if k in own)
+            shapes = tuple(getattr(module, k).shape for k in ("in_proj_weight", "in_proj_bias") if k in own)
+            e = module.embed_dim
+            blocks.append(Block(name, "outer", names, 3 * e, e * weight + bias, 3, shapes, _PackedProjection(module)))
         elif isinstance(module, nn.Embedding):
             blocks.append(Block(name, "embedding", tuple(own.values()), module.num_embeddings, module.embedding_dim, 1, (module.weight.shape,), module))
         elif isinstance(module, SCALE_TYPES):
@@ -160,10 +234,10 @@ def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: b
     copied once from the input. A convolution's are laid out positions-last in memory (``[B, groups,
     cols, T]``), the order in which they are read from the input fastest."""
     b = x.shape[0]
-    if not isinstance(module, CONV_TYPES):  # Linear, Conv1D
-        source = x.reshape(b, -1, 1, x.shape[-1])
+    if not isinstance(module, CONV_TYPES):  # Linear, Conv1D, an attention's in-projection (3 groups)
+        source = x.reshape(b, -1, getattr(module, "groups", 1), x.shape[-1])
         cols = x.shape[-1] if with_weight else 0
-        a = x.new_empty(b, source.shape[1], 1, cols + with_bias)
+        a = x.new_empty(*source.shape[:3], cols + with_bias)
         if with_weight:
             a[..., :cols] = source
     else:
@@ -527,7 +601,8 @@ class LayerGradients:
 
         handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
         try:
-            logits = check_logits(self.task.forward(self.model, inputs), batch_size_of(inputs))
+            with _explicit_attention(self.model, self.blocks):
+                logits = check_logits(self.task.forward(self.model, inputs), batch_size_of(inputs))
         finally:
             for h in handles:
                 h.remove()
@@ -612,7 +687,8 @@ class LayerGradients:
 
                 handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
                 try:
-                    logits = check_logits(self.task.forward(self.model, sample), n)
+                    with _explicit_attention(self.model, self.blocks):
+                        logits = check_logits(self.task.forward(self.model, sample), n)
                 finally:
                     for h in handles:
                         h.remove()

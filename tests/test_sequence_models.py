@@ -258,3 +258,46 @@ def test_tied_weights_laid_out_differently_fall_back_together():
     assert [blk.name for blk in gradients.blocks] == ["mix"]
     g = brute_force_gradients(model, x)
     torch.testing.assert_close(ln.factored_kernel(model, x), brute_force_kernel(g, g, "trntk"), rtol=1e-9, atol=1e-12)
+
+
+class Attention(nn.Module):
+    """torch's own attention layers: a TransformerEncoderLayer (batch first, padding mask) and a
+    sequence-first cross-attention to a shorter memory, then a linear head."""
+
+    def __init__(self, vocab=11, dim=8, classes=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, dim)
+        self.encoder = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, batch_first=True)
+        self.cross = nn.MultiheadAttention(dim, 2)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        h = self.encoder(self.embed(tokens), src_key_padding_mask=tokens == 0)
+        memory = h[:, :3].transpose(0, 1)
+        out, _ = self.cross(h.transpose(0, 1), memory, memory)
+        return self.head(out.mean(0))
+
+
+def test_multihead_attention_takes_the_structured_path(recwarn):
+    x = tokens(5, 6)
+    x[:2, -2:] = 0  # padding
+    y = tokens(3, 6, seed=2)
+    model = Attention().double()
+    gradients = ln.LayerGradients(model)
+    signals = gradients(x)
+    assert not gradients.fallback_modules
+    assert {"encoder.self_attn", "encoder.self_attn.out_proj", "cross", "cross.out_proj"} <= {blk.name for blk in gradients.blocks}
+    assert not [w for w in recwarn if "Per-example gradients" in str(w.message)]
+    g_x, g_y = brute_force_gradients(model, x), brute_force_gradients(model, y)
+    got = {n: g for sig in signals for n, g in sig.parameter_gradients().items()}
+    names, sizes = zip(*[(n, p.numel()) for n, p in model.named_parameters()])
+    assert sorted(got) == sorted(names)
+    for n, want, p in zip(names, g_x.split(sizes, dim=-1), model.parameters()):
+        torch.testing.assert_close(got[n], want.reshape(*want.shape[:2], *p.shape), rtol=1e-9, atol=1e-12, msg=n)
+    for kind in ("trntk", "pntk"):
+        torch.testing.assert_close(ln.factored_kernel(model, x, y, kind, batch_size=3), brute_force_kernel(g_x, g_y, kind), rtol=1e-9, atol=1e-12)
+    featurizer = ln.Featurizer(model, projection_dim=64, projector="sketch", seed=5)
+    want = explicit_sketch(brute_force_signals(model, x, featurizer.gradients.all_blocks), featurizer.projector)
+    torch.testing.assert_close(featurizer(x, batch_size=3), want, rtol=1e-9, atol=1e-12)
+    assert "forward" not in vars(model.cross)  # the attention's own forward is back
