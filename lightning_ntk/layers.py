@@ -13,6 +13,12 @@ From these signals:
 - :func:`factored_kernel` computes the exact trNTK from ``(δ·δ')(a·a')`` (summed over positions), and
 - :meth:`LayerSignals.parameter_gradients` forms per-example gradients when asked to.
 
+Supported: ``nn.Linear``, Hugging Face's ``Conv1D`` (a linear layer with its weight transposed),
+``nn.ConvNd``, ``nn.Embedding`` (also one row of ids broadcast over the batch, as position ids),
+normalisation affines, and ``nn.MultiheadAttention`` (its packed in-projection as a linear layer of
+three groups: query, key, value; its output projection as a Linear). A weight tied between modules
+gives a block per use; the uses' gradients add up.
+
 Which modules take this path is decided from the model's structure alone (module type and options,
 where its parameters are used, where its inputs hold the batch), never by comparing numbers, so
 that it holds under TF32, autocast and half precision. Modules with parameters that are not supported
