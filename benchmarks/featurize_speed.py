@@ -1,7 +1,8 @@
 """Featurization speed, peak memory and kernel error, side by side in one process, printed as one table.
 
 For the small CNN of the project's SPEC (3 conv + 2 linear layers, 188,810 parameters, 3×32×32 inputs,
-10 classes), an MLP 784-256-256-10 and a ResNet-18 for 32×32 inputs, and K ∈ {512, 2048, 10240}:
+10 classes), an MLP 784-256-256-10, a ResNet-18 for 32×32 inputs and a two-layer transformer encoder
+(16 positions of width 64, 4 heads, Gaussian inputs), and K ∈ {512, 2048, 10240}:
 
 - ``sketch``: this project's structured count-sketch (``projector="sketch"``);
 - ``dense``: this project's dense Gaussian projection of per-example gradients (the reference for
@@ -108,6 +109,24 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1))
 
 
+class SmallTransformer(nn.Module):
+    """Two pre-norm encoder layers (``nn.TransformerEncoderLayer``: multi-head attention, LayerNorm,
+    a feed-forward of twice the width) on ``length`` positions of ``features`` Gaussian inputs, with a
+    linear input projection, learned position embeddings and a linear head on the mean of the positions."""
+
+    def __init__(self, classes: int = CLASSES, features: int = 32, length: int = 16, width: int = 64, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        self.positions = nn.Embedding(length, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1], device=x.device)[None]  # one row for the batch, broadcast
+        return self.head(self.encoder(self.embed(x) + self.positions(positions)).mean(1))
+
+
 @dataclass
 class Setup:
     name: str
@@ -192,7 +211,8 @@ def outputs_only(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
     def run():
         outputs = []
-        handles = [m.register_forward_hook(lambda mod, args, out: outputs.append(out)) for m in modules]
+        # attention returns (output, weights)
+        handles = [m.register_forward_hook(lambda mod, args, out: outputs.append(out if isinstance(out, torch.Tensor) else out[0])) for m in modules]
         try:
             logits = model(x)
         finally:
@@ -379,7 +399,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="K = 512 and 2,048, fewer repeats, seeds and examples")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=None, help="timed batches per row (best is kept)")
-    parser.add_argument("--models", default=None, help="comma-separated model names to run (default: all): spec_cnn, mlp, resnet18")
+    parser.add_argument("--models", default=None, help="comma-separated model names to run (default: all): spec_cnn, mlp, resnet18, transformer")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -391,6 +411,7 @@ def main() -> None:
         "spec_cnn": Setup("SPEC CNN", spec_cnn, (3, 32, 32), 32, 40, True),
         "mlp": Setup("MLP 784-256-256-10", mlp, (784,), 32, 40, True),
         "resnet18": Setup("ResNet-18 (32×32)", ResNet18, (3, 32, 32), 16, 8 if quick else 16, False),
+        "transformer": Setup("Transformer 2×64, 16 positions", SmallTransformer, (16, 32), 32, 40, True),
     }
     chosen = args.models.split(",") if args.models else list(setups)
     unknown = set(chosen) - set(setups)

@@ -41,7 +41,7 @@ from typing import Callable
 
 import lightning as L
 import torch
-from featurize_speed import ResNet18, floor, outputs_only, spec_cnn
+from featurize_speed import ResNet18, SmallTransformer, floor, outputs_only, spec_cnn
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
@@ -209,6 +209,7 @@ def correctness(device: torch.device, sizes: Sizes) -> list[tuple[str, float, fl
         "SPEC CNN": (spec_cnn().double(), torch.randn(6, 3, 32, 32, dtype=torch.float64)),
         "ResNet-18 (width 8)": (ResNet18(width=8).double(), torch.randn(4, 3, 16, 16, dtype=torch.float64)),
         "token model": (TokenModel().double(), torch.randint(0, 50, (6, 9))),
+        "transformer (width 16)": (SmallTransformer(features=8, length=6, width=16, heads=2).double(), torch.randn(4, 6, 8, dtype=torch.float64)),
     }
     for name, (cpu_model, x) in cases.items():
         model, dx = copy.deepcopy(cpu_model).to(device), x.to(device)
@@ -257,15 +258,16 @@ def speed(device: torch.device, sizes: Sizes, trak: TrakBuild) -> list[str]:
     ]
     cuda_projector = device.type == "cuda" and trak.cuda_projector_ready()
     models = (
-        ("SPEC CNN", spec_cnn, sizes.spec_batch),
-        ("ResNet-18", lambda: ResNet18(width=sizes.resnet_width), sizes.resnet_batch),
+        ("SPEC CNN", spec_cnn, sizes.spec_batch, (3, 32, 32)),
+        ("ResNet-18", lambda: ResNet18(width=sizes.resnet_width), sizes.resnet_batch, (3, 32, 32)),
+        ("Transformer 2×64, 16 positions", SmallTransformer, sizes.spec_batch, (16, 32)),
     )
     for setting, tf32 in (("defaults (TF32)", True), ("TF32 off", False)):
         torch.backends.cudnn.allow_tf32 = tf32
-        for name, make, batch in models:
+        for name, make, batch, input_shape in models:
             torch.manual_seed(0)
             model = make().to(device).eval()
-            x = torch.randn(batch, 3, 32, 32, device=device)
+            x = torch.randn(batch, *input_shape, device=device)
             t_floor, m_floor = timed(floor(model, x), device, sizes.repeats)
 
             def line(k, method, t, memory, authors=None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import warnings
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 import torch
@@ -18,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .projection import DEFAULT_MEMORY_BUDGET
-from .task import Task, batch_size_of, slice_inputs
+from .task import Task, batch_size_of, differentiable, slice_inputs
 
 ParamSelection = Union[None, str, nn.Module, Sequence[Union[str, nn.Module]]]
 
@@ -101,6 +102,21 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
+@contextlib.contextmanager
+def _autograd_on(params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
+    """Gradients recorded whatever the caller's mode (``no_grad``, ``inference_mode``), and ``params``
+    requiring them meanwhile."""
+    frozen = [p for p in params if not p.requires_grad]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for p in frozen:
+                p.requires_grad_(True)
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def _locate_failure(model: nn.Module, run) -> str:
     """Re-run ``run`` with hooks that track which module is executing, and name the innermost one."""
     stack: list[nn.Module] = []
@@ -176,6 +192,8 @@ class PerExampleGradients:
         self.chunk_size = chunk_size
         self.memory_budget = int(memory_budget)
         self._profiles: dict[tuple, tuple[int, int]] = {}
+        self._loop = False  # whether torch.func failed on this model, so that gradients come from a loop
+        self._cause = ""
 
     def _profile(self, inputs: Any) -> tuple[int, int]:
         """The number of logits, and the bytes of the largest tensor the forward pass of one example
@@ -222,28 +240,58 @@ class PerExampleGradients:
 
     def chunks(self, inputs: Any, summed: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
         """Yield ``(rows, gradients)`` for consecutive chunks of the batch, ``gradients`` as in
-        :meth:`__call__` for the examples ``rows``, :meth:`chunk_length` examples at a time."""
+        :meth:`__call__` for the examples ``rows``, :meth:`chunk_length` examples at a time.
+
+        Where ``torch.func`` cannot run the model (e.g. recurrent layers, custom autograd Functions,
+        data-dependent control flow), the gradients come from a loop of ``torch.autograd.grad`` calls,
+        one forward pass per example, with one warning that names the module and the cause."""
         n = batch_size_of(inputs)
-        params = {k: v.detach() for k, v in self.params.items()}
-        fn = self._logits_fn(summed)
-        transform = vmap(grad(fn) if summed else jacrev(fn), in_dims=(None, 0))
         step = self.chunk_length(inputs, summed)
         for start in range(0, n, step):
             chunk = slice_inputs(inputs, start, start + step)
-            with eval_mode(self.model), torch.no_grad():  # no graph through the parameters left out
-                try:
-                    grads = transform(params, chunk)
-                except Exception as err:
-                    if isinstance(err, (TypeError, ValueError)) and "logits" in str(err):
-                        raise
-                    where = _locate_failure(self.model, lambda: transform(params, slice_inputs(chunk, 0, 1)))
-                    raise FunctionalForwardError(
-                        f"The model's forward failed under torch.func (vmap/jacrev) in {where}: {err}. "
-                        "Layers with data-dependent control flow, in-place updates of buffers or .item() calls "
-                        "cannot be vmapped: restrict the kernel to parameters after them with params=..., "
-                        "or make sure the model runs in eval mode (BatchNorm/Dropout) without such calls."
-                    ) from err
+            grads = None if self._loop else self._vmapped(chunk, summed)
+            if grads is None:
+                grads = self._looped(chunk, summed)
             yield slice(start, min(start + step, n)), self._flatten(grads, summed)
+
+    def _vmapped(self, chunk: Any, summed: bool) -> dict[str, torch.Tensor] | None:
+        """The chunk's gradients by ``torch.func``; None (after a warning, once) where it cannot run the model."""
+        params = {k: v.detach() for k, v in self.params.items()}
+        fn = self._logits_fn(summed)
+        transform = vmap(grad(fn) if summed else jacrev(fn), in_dims=(None, 0))
+        with eval_mode(self.model), torch.no_grad():  # no graph through the parameters left out
+            try:
+                return transform(params, chunk)
+            except Exception as err:
+                if isinstance(err, (TypeError, ValueError)) and "logits" in str(err):
+                    raise
+                where = _locate_failure(self.model, lambda: transform(params, slice_inputs(chunk, 0, 1)))
+                self._cause = f"torch.func (vmap/jacrev) cannot run {where}: {type(err).__name__}: {err}"
+        self._loop = True
+        warnings.warn(f"{self._cause}. Per-example gradients use a loop of torch.autograd.grad calls instead (slower).", stacklevel=4)
+        return None
+
+    def _looped(self, chunk: Any, summed: bool) -> dict[str, torch.Tensor]:
+        """The chunk's gradients one example at a time: a forward pass, then one ``torch.autograd.grad``
+        call per class (one for the summed logits)."""
+        names, params = list(self.params), list(self.params.values())
+        rows = []
+        with eval_mode(self.model), _autograd_on(params):
+            for i in range(batch_size_of(chunk)):
+                try:
+                    logits = check_logits(self.task.forward(self.model, differentiable(slice_inputs(chunk, i, i + 1))), 1)[0]
+                    outputs = [logits.sum()] if summed else list(logits)
+                    per_class = [torch.autograd.grad(out, params, retain_graph=True, allow_unused=True, materialize_grads=True) for out in outputs]
+                except (TypeError, ValueError):
+                    raise
+                except Exception as err:
+                    raise FunctionalForwardError(
+                        f"Per-example gradients cannot be computed: {self._cause}; and the loop of torch.autograd.grad "
+                        f"calls failed too: {type(err).__name__}: {err}. Exclude the parameters of that module with params=..."
+                    ) from err
+                rows.append([torch.stack(g) for g in zip(*per_class)])
+        grads = {name: torch.stack([row[j] for row in rows]) for j, name in enumerate(names)}
+        return {name: g[:, 0] if summed else g for name, g in grads.items()}
 
     def _flatten(self, grads: dict[str, torch.Tensor], summed: bool) -> torch.Tensor:
         lead = 1 if summed else 2

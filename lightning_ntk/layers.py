@@ -13,6 +13,12 @@ From these signals:
 - :func:`factored_kernel` computes the exact trNTK from ``(δ·δ')(a·a')`` (summed over positions), and
 - :meth:`LayerSignals.parameter_gradients` forms per-example gradients when asked to.
 
+Supported: ``nn.Linear``, Hugging Face's ``Conv1D`` (a linear layer with its weight transposed),
+``nn.ConvNd``, ``nn.Embedding`` (also one row of ids broadcast over the batch, as position ids),
+normalisation affines, and ``nn.MultiheadAttention`` (its packed in-projection as a linear layer of
+three groups: query, key, value; its output projection as a Linear). A weight tied between modules
+gives a block per use; the uses' gradients add up.
+
 Which modules take this path is decided from the model's structure alone (module type and options,
 where its parameters are used, where its inputs hold the batch), never by comparing numbers, so
 that it holds under TF32, autocast and half precision. Modules with parameters that are not supported
@@ -23,11 +29,12 @@ fall back, per module, to the generic ``torch.func`` path of
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import Counter
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -35,14 +42,14 @@ from torch.func import vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
-from .jacobian import ParamSelection, PerExampleGradients, check_logits, eval_mode, select_parameters
-from .projection import DEFAULT_MEMORY_BUDGET
+from .jacobian import ParamSelection, PerExampleGradients, _autograd_on, check_logits, eval_mode, select_parameters
+from .projection import DEFAULT_MEMORY_BUDGET, hash_positions
 from .task import Task, batch_size_of, differentiable, slice_inputs
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 SCALE_TYPES = BATCH_NORM_TYPES + (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-SUPPORTED_TYPES = (nn.Linear, nn.Embedding) + CONV_TYPES + SCALE_TYPES
+SUPPORTED_TYPES = (nn.Linear, nn.Embedding, nn.MultiheadAttention) + CONV_TYPES + SCALE_TYPES
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,8 @@ class Block:
     ``outer`` (Linear, ConvNd): rows are output channels, columns the input patch (``in/groups ·
     kernel``) then a column for the bias; ``embedding``: rows are tokens, columns the embedding
     dimension; ``scale`` (normalisation affine): one row, the weight's then the bias's entries;
-    ``flat``: one row holding the per-example gradients of the modules that fell back.
+    ``flat``: one row holding the per-example gradients of the modules that fell back. ``transposed``:
+    the weight is stored ``[in, out]`` (Hugging Face's ``Conv1D``), the transpose of ``G``'s weight columns.
     """
 
     name: str
@@ -63,27 +71,118 @@ class Block:
     groups: int = 1
     shapes: tuple[torch.Size, ...] = ()
     module: nn.Module | None = field(default=None, compare=False, repr=False)
+    transposed: bool = False
 
     @property
     def size(self) -> int:
         return self.rows * self.cols
 
 
-def _outer_block(name: str, module: nn.Module, chosen: dict[str, nn.Parameter]) -> Block:
-    weight, bias = f"{name}.weight" if name else "weight", f"{name}.bias" if name else "bias"
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer ``x W + b`` with its weight stored ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+
+
+def _outer_block(name: str, module: nn.Module, own: dict[str, str]) -> Block:
+    """``own``: the chosen parameters of the module, from their name in it to their name in the model."""
     groups = getattr(module, "groups", 1)
-    patch = module.weight[0].numel() if weight in chosen else 0
-    cols = patch + (1 if bias in chosen else 0)
-    names = tuple(n for n in (weight, bias) if n in chosen)
-    return Block(name, "outer", names, module.weight.shape[0], cols, groups, tuple(chosen[n].shape for n in names), module)
+    transposed = _is_transposed_linear(module)
+    rows, patch = (module.weight.shape[1], module.weight.shape[0]) if transposed else (module.weight.shape[0], module.weight[0].numel())
+    cols = (patch if "weight" in own else 0) + (1 if "bias" in own else 0)
+    names = tuple(own[k] for k in ("weight", "bias") if k in own)
+    shapes = tuple(getattr(module, k).shape for k in ("weight", "bias") if k in own)
+    return Block(name, "outer", names, rows, cols, groups, shapes, module, transposed)
+
+
+class _PackedProjection(nn.Module):
+    """The in-projection of an ``nn.MultiheadAttention``: three linear maps with the rows of its packed
+    ``in_proj_weight``/``in_proj_bias``, of the query, key and value laid out ``[B, T, 3, E]`` (a grouped
+    linear layer, ``groups = 3``), to ``[B, T, 3E]``. Not a submodule of the model: the attention's
+    forward calls it while the structured path runs (see :func:`_explicit_attention`)."""
+
+    groups = 3
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        self.attention = [attention]  # in a list: not registered as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attention = self.attention[0]
+        e = attention.embed_dim
+        out = torch.einsum("btgi,goi->btgo", x, attention.in_proj_weight.view(3, e, e))
+        if attention.in_proj_bias is not None:
+            out = out + attention.in_proj_bias.view(3, e)
+        return out.flatten(2)
+
+
+def _attention_forward(attention: nn.MultiheadAttention, projection: _PackedProjection, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+    """``nn.MultiheadAttention.forward`` with its in-projection and output projection run as modules on
+    batch-first inputs, so that their hooks see them; the attention itself by
+    ``F.multi_head_attention_forward`` with identity projections (exact)."""
+    if query.dim() != 3:
+        raise ValueError("The structured path needs batched inputs of nn.MultiheadAttention ([B, T, E] or [T, B, E]).")
+    if not attention.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    tq, tk, e = query.shape[1], key.shape[1], attention.embed_dim
+    length = max(tq, tk)  # positions beyond a sequence's end are zeros, which add nothing to the gradient
+    stacked = torch.stack([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in (query, key, value)], dim=2)
+    projected = projection(stacked).unflatten(-1, (3, e))
+    q, k, v = (projected[:, :n, i].transpose(0, 1) for i, n in enumerate((tq, tk, tk)))
+    eye = torch.eye(e, dtype=q.dtype, device=q.device)
+    out, weights = F.multi_head_attention_forward(
+        q, k, v, e, attention.num_heads, None, None, None, None, False, attention.dropout, eye, None,
+        training=attention.training, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+        use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+        average_attn_weights=average_attn_weights, is_causal=is_causal,
+    )
+    out = attention.out_proj(out.transpose(0, 1))
+    return (out if attention.batch_first else out.transpose(0, 1)), weights
+
+
+@contextlib.contextmanager
+def _explicit_attention(model: nn.Module, blocks: list[Block]) -> Iterator[None]:
+    """Every supported ``nn.MultiheadAttention`` of the model runs :func:`_attention_forward` meanwhile,
+    with the in-projection of its block (a fresh one if its parameters are not chosen)."""
+    projections = {id(blk.module.attention[0]): blk.module for blk in blocks if isinstance(blk.module, _PackedProjection)}
+    patched = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and _supported(m)]
+    for m in patched:
+        m.forward = functools.partial(_attention_forward, m, projections.get(id(m)) or _PackedProjection(m))
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def _tie_shares(blocks: list[Block]) -> set[str]:
+    """The blocks that hold a parameter which other blocks hold too (tied weights) and cannot share its
+    sketch: sharing needs every use to hold that parameter alone, laid out as the parameter (rows are
+    its first dimension), in gradient matrices of the same shape."""
+    holders: dict[str, list[Block]] = {}
+    for blk in blocks:
+        for n in blk.params:
+            holders.setdefault(n, []).append(blk)
+    refused = set()
+    for group in holders.values():
+        if len(group) > 1 and not all(
+            len(blk.params) == 1 and blk.kind in ("outer", "embedding") and blk.groups == 1 and not blk.transposed
+            and (blk.rows, blk.cols) == (group[0].rows, group[0].cols)
+            for blk in group
+        ):
+            refused.update(blk.name for blk in group)
+    return refused
 
 
 def _supported(module: nn.Module) -> bool:
     """Whether the module's gradient is structured as this module knows it: exact types only (a subclass
     may change forward), no options that make gradients depend on more than the signals."""
-    if type(module) not in SUPPORTED_TYPES or "forward" in vars(module):
+    if not (type(module) in SUPPORTED_TYPES or _is_transposed_linear(module)) or "forward" in vars(module):
         return False
-    if not set(module._parameters) <= {"weight", "bias"}:  # e.g. the weight_g/weight_v of weight_norm
+    held = {k for k, p in module._parameters.items() if p is not None}
+    if isinstance(module, nn.MultiheadAttention):  # one packed in-projection of inputs of one width
+        return module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn and held <= {"in_proj_weight", "in_proj_bias"}
+    if not held <= {"weight", "bias"}:  # e.g. the weight_g/weight_v of weight_norm
         return False
     if isinstance(module, CONV_TYPES):
         return module.padding_mode in ("zeros", "reflect", "replicate", "circular")
@@ -97,33 +196,40 @@ def _supported(module: nn.Module) -> bool:
 def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list[Block], list[str]]:
     """Split the chosen parameters into structured blocks and the names of the modules that fall back.
 
-    A parameter shared by several modules (tied weights) falls back too, since each module would
-    only see its own share of the gradient.
+    A parameter used by several modules (tied weights) gives a block for each use, whose gradients add
+    up: their sketches share a hash (see :func:`~lightning_ntk.projection.hash_positions`), and exact
+    kernels form their sum (see :func:`gram_factors`). Where the uses cannot be laid out alike (see
+    :func:`_tie_shares`), or one of them is not supported, all of them fall back.
     """
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        for p in module._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(name)
+    names_of = {id(p): n for n, p in chosen.items()}
+    # the output projection of a supported attention runs as a module (see _explicit_attention)
+    attention_outputs = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention) and _supported(m)}
     blocks, fallback = [], []
     seen: set[int] = set()
-    for name, module in model.named_modules():
-        own = {f"{name}.{k}" if name else k: p for k, p in module._parameters.items() if p is not None}
-        own = {n: p for n, p in own.items() if n in chosen}
+    for name, module in model.named_modules(remove_duplicate=False):
+        own = {k: names_of[id(p)] for k, p in module._parameters.items() if p is not None and id(p) in names_of}
         if not own or id(module) in seen:
             continue
         seen.add(id(module))
-        shared = any(len(owners[id(p)]) > 1 for p in own.values())
-        if shared or not _supported(module):
+        if not (_supported(module) or id(module) in attention_outputs and "forward" not in vars(module)):
             fallback.append(name)
+        elif isinstance(module, nn.MultiheadAttention):
+            weight, bias = (k in own for k in ("in_proj_weight", "in_proj_bias"))
+            names = tuple(own[k] for k in ("in_proj_weight", "in_proj_bias") if k in own)
+            shapes = tuple(getattr(module, k).shape for k in ("in_proj_weight", "in_proj_bias") if k in own)
+            e = module.embed_dim
+            blocks.append(Block(name, "outer", names, 3 * e, e * weight + bias, 3, shapes, _PackedProjection(module)))
         elif isinstance(module, nn.Embedding):
-            blocks.append(Block(name, "embedding", tuple(own), module.num_embeddings, module.embedding_dim, 1, (module.weight.shape,), module))
+            blocks.append(Block(name, "embedding", tuple(own.values()), module.num_embeddings, module.embedding_dim, 1, (module.weight.shape,), module))
         elif isinstance(module, SCALE_TYPES):
-            shapes = tuple(p.shape for p in own.values())
-            blocks.append(Block(name, "scale", tuple(own), 1, sum(p.numel() for p in own.values()), 1, shapes, module))
+            shapes = tuple(getattr(module, k).shape for k in own)
+            blocks.append(Block(name, "scale", tuple(own.values()), 1, sum(map(math.prod, shapes)), 1, shapes, module))
         else:
-            blocks.append(_outer_block(name, module, chosen))
-    return blocks, fallback
+            blocks.append(_outer_block(name, module, own))
+    refused = _tie_shares(blocks)
+    held_by_fallback = {names_of[id(p)] for name in fallback for p in model.get_submodule(name).parameters(recurse=False) if id(p) in names_of}
+    fallback += [blk.name for blk in blocks if blk.name in refused or set(blk.params) & held_by_fallback]
+    return [blk for blk in blocks if blk.name not in fallback], fallback
 
 
 # -- layer inputs and output gradients -------------------------------------------------------------
@@ -134,10 +240,10 @@ def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: b
     copied once from the input. A convolution's are laid out positions-last in memory (``[B, groups,
     cols, T]``), the order in which they are read from the input fastest."""
     b = x.shape[0]
-    if isinstance(module, nn.Linear):
-        source = x.reshape(b, -1, 1, x.shape[-1])
+    if not isinstance(module, CONV_TYPES):  # Linear, Conv1D, an attention's in-projection (3 groups)
+        source = x.reshape(b, -1, getattr(module, "groups", 1), x.shape[-1])
         cols = x.shape[-1] if with_weight else 0
-        a = x.new_empty(b, source.shape[1], 1, cols + with_bias)
+        a = x.new_empty(*source.shape[:3], cols + with_bias)
         if with_weight:
             a[..., :cols] = source
     else:
@@ -238,8 +344,15 @@ class LayerSignals:
         blk = self.block
         g = self.matrix()
         b, c = g.shape[:2]
-        if blk.kind == "outer" and len(blk.params) == 2:  # the weight's columns, then the bias column
-            return {blk.params[0]: g[..., :-1].reshape(b, c, *blk.shapes[0]), blk.params[1]: g[..., -1]}
+        if blk.kind == "outer":  # the weight's columns, then the bias column
+            with_bias = blk.params[-1].endswith("bias")
+            grads = {}
+            if blk.params[0].endswith("weight"):
+                weight = g[..., :-1] if with_bias else g
+                grads[blk.params[0]] = (weight.transpose(-1, -2) if blk.transposed else weight).reshape(b, c, *blk.shapes[0])
+            if with_bias:
+                grads[blk.params[-1]] = g[..., -1]
+            return grads
         sizes = [math.prod(shape) for shape in blk.shapes]
         parts = g.reshape(b, c, -1).split(sizes, dim=-1)
         return {n: part.reshape(b, c, *shape) for n, part, shape in zip(blk.params, parts, blk.shapes)}
@@ -297,21 +410,6 @@ class _Tap(torch.autograd.Function):
         return grad, None, ctx.fn(layer_input, grad), None
 
 
-@contextlib.contextmanager
-def _autograd_on(params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
-    """Gradients recorded whatever the caller's mode (``no_grad``, ``inference_mode``), and ``params``
-    requiring them meanwhile."""
-    frozen = [p for p in params if not p.requires_grad]
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            for p in frozen:
-                p.requires_grad_(True)
-            yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-
-
 def _reached_around(root, outputs: dict[str, set], blocks: list[Block], params: dict[str, nn.Parameter]) -> set[str]:
     """The blocks whose parameters the autograd graph from ``root`` reaches other than through the
     block's outputs (``outputs``: the autograd nodes of each block's outputs, by name): parameters also
@@ -333,7 +431,7 @@ def _reached_around(root, outputs: dict[str, set], blocks: list[Block], params: 
             parents[child].append(node)
     around = set()
     for blk in blocks:
-        stops = outputs.get(blk.name, set())
+        stops = set().union(*(outputs.get(other.name, set()) for other in blocks if set(other.params) & set(blk.params)))
         frontier = [accumulators[id(params[n])] for n in blk.params if id(params[n]) in accumulators]
         seen = set(frontier)
         while frontier and blk.name not in around:
@@ -381,13 +479,17 @@ class LayerGradients:
         self.batch_classes = batch_classes
         self.blocks, fallback = plan_blocks(model, self.params)
         self.fallback_modules: list[str] = []
-        self._fall_back(fallback, "is not supported by the structured path")
+        self._fall_back(fallback, "is not supported by the structured path, or shares a weight with a module that is not or whose gradient is laid out differently")
         self._checked = False
+        self._broadcast: set[str] = set()  # embeddings that see one row of ids for the whole batch
         self._vmap_backward = True  # until an operation turns out to have no batching rule
         self._vmapping = False  # whether the backward pass running is vmapped over classes
 
     def _fall_back(self, modules: list[str], reason: str) -> None:
-        """Send ``modules`` to the generic path (with a warning that names them and says why)."""
+        """Send ``modules`` to the generic path (with a warning that names them and says why), and with them
+        the other uses of their tied weights."""
+        dropped = {n for blk in self.blocks if blk.name in modules for n in blk.params}
+        modules = modules + [blk.name for blk in self.blocks if blk.name not in modules and dropped & set(blk.params)]
         self.fallback_modules = self.fallback_modules + modules
         self.blocks = [blk for blk in self.blocks if blk.name not in modules]
         structured = {n for blk in self.blocks for n in blk.params}
@@ -490,17 +592,23 @@ class LayerGradients:
     def _forward(self, inputs: Any, output_of: Callable[[_Call, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, list[_Call]]:
         """Run the model with a hook on every block that records each call and replaces the call's
         output by ``output_of(call, output)``; refuse inputs changed in place after a layer used them."""
-        index = {id(blk.module): (position, blk) for position, blk in enumerate(self.blocks)}
+        index = {id(blk.module): (position, blk) for position, blk in zip(hash_positions(self.blocks), self.blocks)}
         calls: list[_Call] = []
+
+        batch = batch_size_of(inputs)
 
         def hook(module, args, output):
             position, blk = index[id(module)]
-            calls.append(_Call(blk, position, args[0], args[0]._version, output.numel() * output.element_size()))
+            x = args[0]
+            if blk.name in self._broadcast and x.shape[0] == 1:  # one row for all examples: each its own copy
+                x, output = x.expand(batch, *x.shape[1:]), output.expand(batch, *output.shape[1:])
+            calls.append(_Call(blk, position, x, x._version, output.numel() * output.element_size()))
             return output_of(calls[-1], output)
 
         handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
         try:
-            logits = check_logits(self.task.forward(self.model, inputs), batch_size_of(inputs))
+            with _explicit_attention(self.model, self.blocks):
+                logits = check_logits(self.task.forward(self.model, inputs), batch_size_of(inputs))
         finally:
             for h in handles:
                 h.remove()
@@ -556,7 +664,9 @@ class LayerGradients:
         """Once, on the first example: send to the fallback the blocks whose parameters reach the logits
         other than through the block's outputs (e.g. a weight tied to another layer), and those whose
         input or output does not hold the batch in its first dimension (seen with batches of one and two
-        copies of the example). Both are properties of the model's structure, so the decision holds at
+        copies of the example); an embedding that sees one row of ids for both (e.g. position ids) is taken
+        as broadcast over the batch, and its output expanded so that each example has its own copy. These
+        are properties of the model's structure, so the decision holds at
         any precision (TF32, autocast, half-precision weights); exactness itself is tested in float64."""
         if self._checked or not self.blocks:
             return
@@ -565,6 +675,7 @@ class LayerGradients:
         two = tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) else t, one)
         index = {id(blk.module): blk for blk in self.blocks}
         wrong_batch: set[str] = set()
+        broadcast: set[str] = set()
         runs: list[Counter] = []
         with eval_mode(self.model), _autograd_on(self.params.values()):
             for n, sample in ((1, one), (2, two)):
@@ -575,18 +686,22 @@ class LayerGradients:
                     blk = index[id(module)]
                     calls[blk.name] += 1
                     outputs.setdefault(blk.name, set()).add(output.grad_fn)
-                    if args[0].shape[:1] != (n,) or output.shape[:1] != (n,):
+                    if n > 1 and blk.kind == "embedding" and args[0].shape[:1] == output.shape[:1] == (1,):
+                        broadcast.add(blk.name)
+                    elif args[0].shape[:1] != (n,) or output.shape[:1] != (n,):
                         wrong_batch.add(blk.name)
 
                 handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
                 try:
-                    logits = check_logits(self.task.forward(self.model, sample), n)
+                    with _explicit_attention(self.model, self.blocks):
+                        logits = check_logits(self.task.forward(self.model, sample), n)
                 finally:
                     for h in handles:
                         h.remove()
                 runs.append(calls)
             around = _reached_around(logits.grad_fn, outputs, self.blocks, self.params) if logits.grad_fn is not None else set()
         wrong_batch |= {name for name in runs[0] | runs[1] if runs[0][name] != runs[1][name]}
+        self._broadcast = broadcast - wrong_batch
         if wrong_batch:
             self._fall_back([blk.name for blk in self.blocks if blk.name in wrong_batch],
                             "does not hold the batch in the first dimension of its input and output")
@@ -603,21 +718,31 @@ def gram_factors(signals: list[LayerSignals]) -> list[LayerSignals]:
 
     Linear-like blocks keep their factors (the Gram of a pair costs ``T·T'·(cols + C·rows)``); blocks
     whose positions make that dearer than the gradient itself (``C·rows·cols``), and normalisation
-    blocks, are replaced by their formed per-example gradients, as ``flat`` blocks.
+    blocks, are replaced by their formed per-example gradients, as ``flat`` blocks. The uses of a tied
+    weight are replaced by one ``flat`` block of their summed gradients.
     """
-    out = []
+    uses = Counter(sig.block.params for sig in signals)
+    out, tied = [], {}
     for sig in signals:
         blk, classes = sig.block, sig.grads.shape[0]
-        if blk.kind == "outer":
+        if uses[blk.params] > 1:
+            keep = False
+        elif blk.kind == "outer":
             t = sig.inputs.shape[1]
             keep = t * t * (blk.groups * blk.cols + classes * blk.rows) <= classes * blk.rows * blk.cols
         else:
             keep = blk.kind != "scale"
         if keep:
             out.append(sig)
+            continue
+        grads = sig.matrix().flatten(2).transpose(0, 1)
+        if blk.params in tied:
+            tied[blk.params].grads = tied[blk.params].grads + grads
         else:
             flat = Block(blk.name, "flat", blk.params, 1, blk.size, 1, blk.shapes, blk.module)
-            out.append(LayerSignals(flat, None, sig.matrix().flatten(2).transpose(0, 1)))
+            out.append(LayerSignals(flat, None, grads))
+            if uses[blk.params] > 1:
+                tied[blk.params] = out[-1]
     return out
 
 

@@ -163,6 +163,14 @@ def _hash_row(g: torch.Tensor, h: BlockHash, k: int) -> torch.Tensor:
     return torch.roll(_fold(_columns(g, h.col_index).mul_(h.col_sign * h.row_sign), k), h.offset, -1)
 
 
+def hash_positions(blocks: list) -> list[int]:
+    """The position in the layout whose hash each block uses: its own, or that of the first block holding
+    the same parameters (the uses of a weight tied between modules), so that their sketches add up to
+    the sketch of the weight's gradient."""
+    first: dict[tuple, int] = {}
+    return [first.setdefault(blk.params, position) for position, blk in enumerate(blocks)]
+
+
 class SketchProjector:
     """A count-sketch ``R`` (``K × P``, one ``±1`` per column, no scaling: ``E[<Ru, Rv>] = <u, v>``)
     applied to per-layer signals without forming per-example gradients.
@@ -236,7 +244,8 @@ class SketchProjector:
     def project(self, signals: list) -> torch.Tensor:
         """``[B, C, K]`` sketches of the per-example, per-class gradients described by ``signals``
         (one :class:`~lightning_ntk.layers.LayerSignals` per block, in layout order, all classes)."""
-        return sum(self.sketch(position, sig.block, sig.inputs, sig.grads) for position, sig in enumerate(signals)).transpose(0, 1)
+        positions = hash_positions([sig.block for sig in signals])
+        return sum(self.sketch(position, sig.block, sig.inputs, sig.grads) for position, sig in zip(positions, signals)).transpose(0, 1)
 
     __call__ = project
 
