@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 DENSE_KINDS = ("rademacher", "gaussian")
 PROJECTOR_KINDS = DENSE_KINDS + ("sketch",)

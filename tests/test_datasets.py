@@ -11,7 +11,6 @@ import io
 import pickle
 import re
 import socket
-import struct
 import sys
 import tarfile
 import threading
@@ -24,32 +23,9 @@ import torch
 
 from lightning_ntk.demos import DownloadError, download_torchvision_files, load_torchvision_pair
 from lightning_ntk.demos import data as demo_data
+from conftest import write_fake_mnist
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def write_idx(path, array, gz=False):
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        data = gzip.compress(data)
-    path.write_bytes(data)
-
-
-def write_fake_mnist(root, num_train=300, num_test=100, seed=0):
-    """Random 28×28 images with labels 0-9, as torchvision's MNIST download leaves them."""
-    rng = np.random.default_rng(seed)
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    splits = {}
-    for prefix, n in (("train", num_train), ("t10k", num_test)):
-        images, labels = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
-        images[labels == 1, :, 14:] = 255  # make "1" learnable
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images, gz=prefix == "train")
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-        splits[prefix] = images, labels
-    return splits
 
 
 def test_mnist_pair_from_idx_files(tmp_path):

@@ -2,38 +2,10 @@
 
 import pytest
 import torch
+from conftest import brute_force_gradients, brute_force_kernel
 from models import DictModel, SmallCNN, dict_inputs, mlp
-from torch import nn
 
 import lightning_ntk as ln
-
-
-def brute_force_gradients(model, inputs, params=None):
-    """[N, C, P] per-example, per-class gradients, one autograd.grad call at a time."""
-    model.eval()
-    chosen = [p for n, p in model.named_parameters() if params is None or n in params]
-    n = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
-    rows = []
-    for i in range(n):
-        if isinstance(inputs, dict):
-            out = model(**{k: v[i : i + 1] for k, v in inputs.items()})[0]
-        else:
-            out = model(inputs[i : i + 1])[0]
-        rows.append(torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(out[c], chosen, retain_graph=True)]) for c in range(out.shape[0])]))
-    return torch.stack(rows)
-
-
-def brute_force_kernel(ga, gb, kind):
-    if kind == "entk":
-        return torch.einsum("acp,bdp->abcd", ga, gb)
-    if kind == "pntk":
-        ga, gb = ga.sum(1, keepdim=True), gb.sum(1, keepdim=True)
-    k = torch.einsum("acp,bcp->ab", ga, gb)
-    if kind == "trntk0":
-        return k
-    na = torch.einsum("acp,acp->a", ga, ga).sqrt()
-    nb = torch.einsum("acp,acp->a", gb, gb).sqrt()
-    return k / na[:, None] / nb[None, :]
 
 
 CASES = {

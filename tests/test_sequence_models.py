@@ -6,12 +6,11 @@ import warnings
 
 import pytest
 import torch
-from test_exact_kernels import brute_force_gradients, brute_force_kernel
-from test_structured import explicit_sketch
+from conftest import brute_force_gradients, brute_force_kernel, explicit_sketch
 from torch import nn
 
 import lightning_ntk as ln
-from lightning_ntk.layers import LayerSignals
+from lightning_ntk.layers import LayerGradients, LayerSignals
 
 
 class Recurrent(nn.Module):
@@ -189,7 +188,7 @@ def padded_tokens(n=4, length=6, seed=1, vocab=20):
 def test_transformer_takes_the_structured_path_with_exact_kernels(name, recwarn):
     make_model, positions = TRANSFORMERS[name]
     model, x, y = make_model(), padded_tokens(), padded_tokens(3, seed=2)
-    gradients = ln.LayerGradients(model)
+    gradients = LayerGradients(model)
     signals = gradients(x)
     assert not gradients.fallback_modules and gradients._flat is None
     assert positions in {blk.name for blk in gradients.blocks}  # position ids are one row for the batch
@@ -236,7 +235,7 @@ class TiedClassifier(nn.Module):
 
 def test_tied_weights_stay_structured_and_add_up(recwarn):
     model, x, y = TiedClassifier().double(), tokens(5, 4), tokens(3, 4, seed=2)
-    gradients = ln.LayerGradients(model)
+    gradients = LayerGradients(model)
     signals = gradients(x)
     assert not gradients.fallback_modules and [blk.name for blk in gradients.blocks] == ["embed", "mix", "head"]
     assert not [w for w in recwarn if "Per-example gradients" in str(w.message)]
@@ -254,7 +253,7 @@ def test_tied_weights_stay_structured_and_add_up(recwarn):
 def test_tied_weights_laid_out_differently_fall_back_together():
     model, x = TiedClassifier(head_bias=True).double(), tokens(5, 4)
     with pytest.warns(UserWarning, match=r"'embed', 'head'"):
-        gradients = ln.LayerGradients(model)
+        gradients = LayerGradients(model)
     assert [blk.name for blk in gradients.blocks] == ["mix"]
     g = brute_force_gradients(model, x)
     torch.testing.assert_close(ln.factored_kernel(model, x), brute_force_kernel(g, g, "trntk"), rtol=1e-9, atol=1e-12)
@@ -284,7 +283,7 @@ def test_multihead_attention_takes_the_structured_path(recwarn):
     x[:2, -2:] = 0  # padding
     y = tokens(3, 6, seed=2)
     model = Attention().double()
-    gradients = ln.LayerGradients(model)
+    gradients = LayerGradients(model)
     signals = gradients(x)
     assert not gradients.fallback_modules
     assert {"encoder.self_attn", "encoder.self_attn.out_proj", "cross", "cross.out_proj"} <= {blk.name for blk in gradients.blocks}

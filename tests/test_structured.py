@@ -4,7 +4,7 @@ each against an independent computation (brute-force autograd loops, an explicit
 import pytest
 import torch
 from models import DictModel, SmallCNN, dict_inputs, mlp
-from test_exact_kernels import brute_force_gradients
+from conftest import brute_force_gradients, explicit_sketch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -78,26 +78,6 @@ CASES = {
 def make(case):
     model, inputs = CASES[case][0](), CASES[case][1]()
     return model, inputs
-
-
-def explicit_sketch(signals, sketch, dtype=torch.float64):
-    """Apply the count-sketch the slow way: form each block's per-example gradient matrix and send every
-    coordinate to its bucket with its sign, as the hash documents it."""
-    c, b = signals[0].grads.shape[:2]
-    k = sketch.projection_dim
-    out = torch.zeros(b, c, k, dtype=dtype)
-    for position, sig in enumerate(signals):
-        blk = sig.block
-        h = sketch.block_hash(position, blk, torch.device("cpu"), dtype)
-        g = sig.matrix().reshape(b, c, blk.rows, blk.cols)
-        column_of = torch.argsort(h.col_index)  # where each gradient column sits after the permutation
-        rows = torch.arange(blk.rows)[:, None]
-        bucket = (h.offset + rows * blk.cols + column_of[None, :]) % k
-        sign = h.row_sign[:, None] * h.col_sign[column_of][None, :]
-        for i in range(b):
-            for j in range(c):
-                out[i, j].index_add_(0, bucket.flatten(), (sign * g[i, j]).flatten())
-    return out
 
 
 @pytest.mark.filterwarnings("ignore:Per-example gradients of module")

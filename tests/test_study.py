@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from models import mlp
-from test_datasets import write_fake_mnist
+from conftest import write_fake_mnist
 from wandb_offline import find_runs, read_run
 
 import lightning_ntk as ln
