@@ -170,10 +170,14 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]  # set by --clock
+
+
 def _elapsed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def seconds(fn: Callable[[], object], repeats: int, warm_up: bool = True, beside: Callable[[], object] | None = None) -> tuple[float, int, float]:
@@ -352,13 +356,10 @@ def exact_digits(n: int) -> dict:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
     x = load_digits_tensors()[0][:n]
-    start = time.perf_counter()
-    factored = ln.exact_kernel(model, x, method="factored", batch_size=256)
-    t_factored = time.perf_counter() - start
-    start = time.perf_counter()
-    vmapped = ln.exact_kernel(model, x, method="vmap", batch_size=256)
-    t_vmap = time.perf_counter() - start
-    return dict(n=n, factored=t_factored, vmap=t_vmap, diff=(factored - vmapped).abs().max().item())
+    kernels = {}
+    t_factored = _elapsed(lambda: kernels.update(factored=ln.exact_kernel(model, x, method="factored", batch_size=256)))
+    t_vmap = _elapsed(lambda: kernels.update(vmap=ln.exact_kernel(model, x, method="vmap", batch_size=256)))
+    return dict(n=n, factored=t_factored, vmap=t_vmap, diff=(kernels["factored"] - kernels["vmap"]).abs().max().item())
 
 
 def block_assembly(n: int, k: int, repeats: int) -> dict:
@@ -399,10 +400,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="K = 512 and 2,048, fewer repeats, seeds and examples")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=None, help="timed batches per row (best is kept)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time (with --threads 1: robust to other work on a shared machine)")
     parser.add_argument("--models", default=None, help="comma-separated model names to run (default: all): spec_cnn, mlp, resnet18, transformer")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     quick = args.quick
     ks = (512, 2048) if quick else (512, 2048, 10240)
     repeats = args.repeats or (5 if quick else 6)
@@ -417,7 +422,7 @@ def main() -> None:
     unknown = set(chosen) - set(setups)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose among {list(setups)}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {args.clock} clock\n")
     rows = []
     for name in chosen:
         rows += featurization_rows(setups[name], ks, repeats, seeds)

@@ -276,7 +276,7 @@ class SketchProjector:
             x = prepared.to(dtype)
             parts = [torch.einsum("cbtd,btd->cbd", d, x) if p.endswith("weight") else d.sum(2) for p in block.params]
             return _hash_row(torch.cat(parts, dim=-1), h, self.projection_dim)
-        if prepared.is_complex():
+        if prepared.is_complex():  # spectra: prepared for the FFT route
             return self._outer_spectrum(block, h, prepared, d)
         return self._outer_fold(block, h, prepared, d)
 
