@@ -175,21 +175,24 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float | None]:
-    """Best seconds of up to ``repeats`` calls after a warm-up (fewer once 10 s are spent), and the peak
-    GPU memory of a call in GiB (None on the CPU)."""
-    fn()
-    synchronize(device)
+    """Best seconds of up to ``repeats`` calls after a warm-up call (fewer once 10 s are spent; the
+    warm-up alone when it takes over 5 s), and the peak GPU memory of a call in GiB (None on the CPU)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    best, spent = float("inf"), 0.0
-    for _ in range(repeats):
+
+    def elapsed() -> float:
         start = time.perf_counter()
         fn()
         synchronize(device)
-        elapsed = time.perf_counter() - start
-        best, spent = min(best, elapsed), spent + elapsed
+        return time.perf_counter() - start
+
+    first = elapsed()
+    best, spent = (first, float("inf")) if first > 5 else (float("inf"), 0.0)
+    for _ in range(repeats):
         if spent > 10:
             break
+        seconds = elapsed()
+        best, spent = min(best, seconds), spent + seconds
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return best, memory
 
