@@ -117,8 +117,9 @@ def _autograd_on(params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
             p.requires_grad_(False)
 
 
-def _locate_failure(model: nn.Module, run) -> str:
-    """Re-run ``run`` with hooks that track which module is executing, and name the innermost one."""
+def _locate_failure(model: nn.Module, run) -> tuple[str, str]:
+    """Re-run ``run`` with hooks that track which module is executing: where it fails, in words, and
+    what the user can do about it."""
     stack: list[nn.Module] = []
     names = {m: n for n, m in model.named_modules()}
     handles = []
@@ -129,11 +130,16 @@ def _locate_failure(model: nn.Module, run) -> str:
         run()
     except Exception:
         if stack:
-            return f"module '{names[stack[-1]] or '<model>'}' ({type(stack[-1]).__name__})"
+            module = stack[-1]
+            where = f"module '{names[module] or '<model>'}' ({type(module).__name__})"
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+                return where, ("it normalises with the statistics of the batch even in eval mode, so no example has a gradient of "
+                               "its own: keep running statistics (track_running_stats=True), or use LayerNorm/GroupNorm")
+            return where, "exclude that module's parameters, and those before it, with params=..."
     finally:
         for h in handles:
             h.remove()
-    return "the model's forward"
+    return "the model's forward", "avoid data-dependent Python control flow on tensors there, or restrict the kernel with params=..."
 
 
 def check_logits(output: Any, batch_size: int) -> torch.Tensor:
@@ -202,7 +208,14 @@ class PerExampleGradients:
         key = tuple((tuple(t.shape[1:]), t.dtype) for t in tree_flatten(one)[0] if isinstance(t, torch.Tensor))
         if key not in self._profiles:
             with torch.no_grad(), eval_mode(self.model), _LargestTensor() as largest:
-                out = self.task.forward(self.model, one)
+                try:
+                    out = self.task.forward(self.model, one)
+                except Exception as err:
+                    where, fix = _locate_failure(self.model, lambda: self.task.forward(self.model, one))
+                    raise FunctionalForwardError(
+                        f"The model cannot run on one example alone, as per-example gradients need: it fails in {where}: "
+                        f"{type(err).__name__}: {err}. To fix it, {fix}."
+                    ) from err
             self._profiles[key] = (check_logits(out, 1).shape[1], largest.bytes)
         return self._profiles[key]
 
@@ -265,7 +278,7 @@ class PerExampleGradients:
             except Exception as err:
                 if isinstance(err, (TypeError, ValueError)) and "logits" in str(err):
                     raise
-                where = _locate_failure(self.model, lambda: transform(params, slice_inputs(chunk, 0, 1)))
+                where, _ = _locate_failure(self.model, lambda: transform(params, slice_inputs(chunk, 0, 1)))
                 self._cause = f"torch.func (vmap/jacrev) cannot run {where}: {type(err).__name__}: {err}"
         self._loop = True
         warnings.warn(f"{self._cause}. Per-example gradients use a loop of torch.autograd.grad calls instead (slower).", stacklevel=4)
@@ -278,16 +291,18 @@ class PerExampleGradients:
         rows = []
         with eval_mode(self.model), _autograd_on(params):
             for i in range(batch_size_of(chunk)):
+                example = differentiable(slice_inputs(chunk, i, i + 1))
                 try:
-                    logits = check_logits(self.task.forward(self.model, differentiable(slice_inputs(chunk, i, i + 1))), 1)[0]
+                    logits = check_logits(self.task.forward(self.model, example), 1)[0]
                     outputs = [logits.sum()] if summed else list(logits)
                     per_class = [torch.autograd.grad(out, params, retain_graph=True, allow_unused=True, materialize_grads=True) for out in outputs]
-                except (TypeError, ValueError):
-                    raise
                 except Exception as err:
+                    if isinstance(err, (TypeError, ValueError)) and "logits" in str(err):
+                        raise
+                    where, fix = _locate_failure(self.model, lambda: self.task.forward(self.model, example))
                     raise FunctionalForwardError(
-                        f"Per-example gradients cannot be computed: {self._cause}; and the loop of torch.autograd.grad "
-                        f"calls failed too: {type(err).__name__}: {err}. Exclude the parameters of that module with params=..."
+                        f"Per-example gradients cannot be computed: {self._cause}; and one example alone fails in {where} "
+                        f"too: {type(err).__name__}: {err}. To fix it, {fix}."
                     ) from err
                 rows.append([torch.stack(g) for g in zip(*per_class)])
         grads = {name: torch.stack([row[j] for row in rows]) for j, name in enumerate(names)}

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from models import mlp
+from conftest import brute_force_gradients
 from torch import nn
 
 import lightning_ntk as ln
@@ -60,14 +61,16 @@ def test_empty_data():
         ln.exact_kernel(mlp(), empty)
 
 
-def test_forward_that_fails_under_torch_func_names_the_module():
+def test_forward_that_fails_under_torch_func_falls_back_to_a_loop_and_names_the_module():
     class ItemCall(nn.Module):
         def forward(self, h):
             return h * float(h.sum().item() > 0)  # .item() cannot run under vmap
 
-    model = nn.Sequential(nn.Linear(4, 5), ItemCall(), nn.Linear(5, 2))
-    with pytest.raises(ln.FunctionalForwardError, match=r"module '1' \(ItemCall\).*params=\.\.\."):
-        ln.project_features(model, torch.randn(3, 4), projection_dim=8)
+    model = nn.Sequential(nn.Linear(4, 5), ItemCall(), nn.Linear(5, 2)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"cannot run module '1' \(ItemCall\).*loop of torch.autograd.grad"):
+        got = ln.gradient_features(model, x)
+    torch.testing.assert_close(got, brute_force_gradients(model, x))
 
 
 def test_unsupported_batch_type():

@@ -10,8 +10,10 @@ import pytest
 import torch
 from conftest import DigitsMLP, fit, small_callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 from torch.utils.data import Dataset
 
+import lightning_ntk as ln
 from lightning_ntk import NTKAttributionCallback
 from lightning_ntk.demos import DigitsDataModule, load_digits_tensors
 
@@ -37,12 +39,13 @@ def test_bad_options_fail_in_the_constructor(options, message):
         NTKAttributionCallback(**options)
 
 
-class ItemInForward(DigitsMLP):
-    """A forward pass that torch.func cannot transform: a data-dependent Python branch."""
+class BatchStatistics(DigitsMLP):
+    """A network whose BatchNorm keeps no running statistics: it needs a batch even in eval mode, so no
+    per-example gradient exists, by any path."""
 
-    def forward(self, x):
-        out = super().forward(x)
-        return out * 2 if out.sum().item() > 0 else out
+    def __init__(self):
+        super().__init__()
+        self.network[1] = nn.BatchNorm1d(16, track_running_stats=False)
 
 
 @pytest.mark.parametrize(
@@ -50,9 +53,9 @@ class ItemInForward(DigitsMLP):
     [
         (dict(kernel="em", layers=["network.9"]), None, ValueError, r"Unknown layer names \['network.9'\]"),
         (dict(image_shape=[7, 7]), None, ValueError, r"image_shape=\[7, 7\] holds 49 values, but an example's input holds 64"),
-        (dict(kernel="trntk"), ItemInForward(), Exception, r"forward"),
+        (dict(kernel="trntk"), BatchStatistics(), ln.FunctionalForwardError, r"module 'network\.1' \(BatchNorm1d\).*track_running_stats=True"),
     ],
-    ids=["em-layers", "image-shape", "item-in-forward"],
+    ids=["em-layers", "image-shape", "batch-statistics"],
 )
 def test_what_would_fail_at_the_first_checkpoint_fails_before_training(tmp_path, options, model, error, message):
     steps = []
