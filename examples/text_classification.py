@@ -28,7 +28,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_ntk import NTKAttributionCallback
 from lightning_ntk.dashboards import format_history, wandb_mode
-from lightning_ntk.demos.text import TextClassifier, TextDataModule, freeze_key_biases, small_bert
+from lightning_ntk.demos.text import TextClassifier, TextDataModule, small_bert
 
 
 class BertClassifier(TextClassifier):
@@ -42,7 +42,7 @@ class BertClassifier(TextClassifier):
         else:
             from transformers import AutoModelForSequenceClassification
 
-            network = freeze_key_biases(AutoModelForSequenceClassification.from_pretrained(pretrained, num_labels=num_labels))
+            network = AutoModelForSequenceClassification.from_pretrained(pretrained, num_labels=num_labels)
         super().__init__(network, lr=lr)
         self.save_hyperparameters()
 

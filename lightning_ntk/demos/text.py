@@ -151,21 +151,7 @@ def small_bert(vocab_size: int, num_labels: int = 2, hidden_size: int = 32, laye
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=2 * hidden_size, max_position_embeddings=max_positions, num_labels=num_labels,
     )
-    return freeze_key_biases(BertForSequenceClassification(config))
-
-
-def freeze_key_biases(model: nn.Module) -> nn.Module:
-    """``model`` with the biases of its attention key projections (modules named ``*.key``) frozen.
-
-    Their gradient is identically zero: a key bias adds the same ``q·b`` to all of a query's attention
-    scores, which softmax ignores. Training never changes them (except by weight decay) and the NTK
-    is the same without them; frozen, they also leave the per-layer gradient check of the structured
-    path, where the rounding noise of an exactly-zero gradient is compared against itself.
-    """
-    for name, module in model.named_modules():
-        if name.endswith(".key") and getattr(module, "bias", None) is not None:
-            module.bias.requires_grad_(False)
-    return model
+    return BertForSequenceClassification(config)
 
 
 class TextClassifier(L.LightningModule):
