@@ -28,6 +28,15 @@ class Recurrent(nn.Module):
         return self.head(torch.tanh(out[:, -1]))
 
 
+def assert_parameter_gradients_equal(signals, model, brute_force):
+    """Every parameter's per-example, per-class gradient from the signals equals the brute-force ``[N, C, P]``."""
+    got = {n: g for sig in signals for n, g in sig.parameter_gradients().items()}
+    names, sizes = zip(*[(n, p.numel()) for n, p in model.named_parameters()])
+    assert sorted(got) == sorted(names)
+    for n, want, p in zip(names, brute_force.split(sizes, dim=-1), model.parameters()):
+        torch.testing.assert_close(got[n], want.reshape(*want.shape[:2], *p.shape), rtol=1e-9, atol=1e-12, msg=n)
+
+
 def tokens(n=5, length=6, seed=1):
     return torch.randint(0, 11, (n, length), generator=torch.Generator().manual_seed(seed))
 
@@ -194,11 +203,7 @@ def test_transformer_takes_the_structured_path_with_exact_kernels(name, recwarn)
     assert positions in {blk.name for blk in gradients.blocks}  # position ids are one row for the batch
     assert not [w for w in recwarn if "Per-example gradients" in str(w.message)]
     g_x, g_y = brute_force_gradients(model, x), brute_force_gradients(model, y)
-    got = {n: g for sig in signals for n, g in sig.parameter_gradients().items()}
-    names, sizes = zip(*[(n, p.numel()) for n, p in model.named_parameters()])
-    assert sorted(got) == sorted(names)
-    for n, want, p in zip(names, g_x.split(sizes, dim=-1), model.parameters()):
-        torch.testing.assert_close(got[n], want.reshape(*want.shape[:2], *p.shape), rtol=1e-9, atol=1e-12, msg=n)
+    assert_parameter_gradients_equal(signals, model, g_x)
     for kind in ("trntk", "trntk0", "pntk"):
         want = brute_force_kernel(g_x, g_y, kind)
         torch.testing.assert_close(ln.factored_kernel(model, x, y, kind, batch_size=3), want, rtol=1e-9, atol=1e-12)
@@ -289,11 +294,7 @@ def test_multihead_attention_takes_the_structured_path(recwarn):
     assert {"encoder.self_attn", "encoder.self_attn.out_proj", "cross", "cross.out_proj"} <= {blk.name for blk in gradients.blocks}
     assert not [w for w in recwarn if "Per-example gradients" in str(w.message)]
     g_x, g_y = brute_force_gradients(model, x), brute_force_gradients(model, y)
-    got = {n: g for sig in signals for n, g in sig.parameter_gradients().items()}
-    names, sizes = zip(*[(n, p.numel()) for n, p in model.named_parameters()])
-    assert sorted(got) == sorted(names)
-    for n, want, p in zip(names, g_x.split(sizes, dim=-1), model.parameters()):
-        torch.testing.assert_close(got[n], want.reshape(*want.shape[:2], *p.shape), rtol=1e-9, atol=1e-12, msg=n)
+    assert_parameter_gradients_equal(signals, model, g_x)
     for kind in ("trntk", "pntk"):
         torch.testing.assert_close(ln.factored_kernel(model, x, y, kind, batch_size=3), brute_force_kernel(g_x, g_y, kind), rtol=1e-9, atol=1e-12)
     featurizer = ln.Featurizer(model, projection_dim=64, projector="sketch", seed=5)
