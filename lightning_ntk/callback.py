@@ -31,7 +31,7 @@ from . import dashboards
 from .attribution import Attribution, attribute
 from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig
 from .metrics import predictions
-from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, example_set
+from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, describe_params, example_set
 from .projection import DEFAULT_MEMORY_BUDGET
 from .registry import get_kernel
 from .store import FeatureStore, StoreError, StoreMismatchError
@@ -175,7 +175,7 @@ class NTKAttributionCallback(L.Callback):
     def _options(self) -> dict[str, Any]:
         """What decides the rows of the history: a resumed history is only continued with the same."""
         return {"kernel": self.kernel.name, "projection": self.projection.to_dict(), "subsets": self.subsets.to_dict(), "module": self.module,
-                "params": self.params if isinstance(self.params, (str, list, type(None))) else repr(self.params)}
+                "params": describe_params(self.params)}
 
     # -- schedule --------------------------------------------------------------------------------
     def should_featurize(self, trainer: L.Trainer) -> bool:

@@ -152,6 +152,11 @@ def example_set(name: str, source: Any, limit: int | None = None, seed: int = 0)
     return ExampleSet(name, dataset, indices, collate_fn)
 
 
+def describe_params(params: Any) -> Any:
+    """A parameter selection as JSON can hold it: names and patterns as they are, modules by their repr."""
+    return params if isinstance(params, (str, list, tuple, type(None))) else repr(params)
+
+
 ARRAYS = ("reference_features", "reference_labels", "reference_indices", "query_features", "query_labels", "query_indices", "query_logits")
 
 
@@ -338,7 +343,7 @@ class FidelityPipeline:
         return {
             **spec.to_dict(),
             "kernel": self.kernel.name,
-            "params": self.params if isinstance(self.params, (str, list, tuple, type(None))) else repr(self.params),
+            "params": describe_params(self.params),
             "layers": list(self.layers) if self.layers is not None else None,
             "dtype": str(self.storage_dtype).removeprefix("torch."),
             "reference": reference.describe(),
