@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
 from .jacobian import ParamSelection, PerExampleGradients, _autograd_on, check_logits, eval_mode, select_parameters
-from .projection import DEFAULT_MEMORY_BUDGET, hash_positions
+from .projection import DEFAULT_MEMORY_BUDGET, SketchTotal, hash_positions
 from .task import Task, batch_size_of, differentiable, slice_inputs
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -235,39 +235,49 @@ def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list
 # -- layer inputs and output gradients -------------------------------------------------------------
 
 
-def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: bool) -> torch.Tensor:
+@functools.lru_cache(maxsize=256)
+def _patch_index(shape: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...], groups: int,
+                 with_weight: bool, with_bias: bool, device: torch.device) -> torch.Tensor:
+    """``[T, groups, cols]``: where each entry of a convolution's input patches lies in one example's
+    (padded) input ``shape`` = ``(channels, *spatial)`` flattened, with a constant 1 appended at the end
+    for the bias column."""
+    channels, spatial = shape[0], shape[1:]
+    strides = [math.prod(spatial[i + 1 :]) for i in range(len(spatial))]
+    out = [(spatial[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(len(spatial))]
+    base = torch.zeros((), dtype=torch.long)  # offset of each output position's first patch entry
+    within = torch.arange(channels // groups) * math.prod(spatial)  # offset of each patch entry
+    for i in range(len(spatial)):
+        base = base[..., None] + torch.arange(out[i]) * stride[i] * strides[i]
+        within = within[..., None] + torch.arange(kernel[i]) * dilation[i] * strides[i]
+    columns = [within.flatten()] if with_weight else []
+    if with_bias:
+        columns.append(torch.tensor([channels * math.prod(spatial)]))
+    group_start = torch.arange(groups) * (channels // groups) * math.prod(spatial)
+    index = base.flatten()[:, None, None] + group_start[None, :, None] + torch.cat(columns)[None, None, :]
+    if with_bias:
+        index[..., -1] = channels * math.prod(spatial)
+    return index.to(device)
+
+
+def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: bool, order: torch.Tensor | None = None) -> torch.Tensor:
     """The inputs ``a`` of a Linear/ConvNd layer: ``[B, T, groups, cols]``, the bias column (ones) last,
-    copied once from the input. A convolution's are laid out positions-last in memory (``[B, groups,
-    cols, T]``), the order in which they are read from the input fastest."""
+    or the columns in ``order`` if given; a convolution's are gathered from its input at once."""
     b = x.shape[0]
     if not isinstance(module, CONV_TYPES):  # Linear, Conv1D, an attention's in-projection (3 groups)
         source = x.reshape(b, -1, getattr(module, "groups", 1), x.shape[-1])
-        cols = x.shape[-1] if with_weight else 0
-        a = x.new_empty(*source.shape[:3], cols + with_bias)
-        if with_weight:
-            a[..., :cols] = source
-    else:
-        dims = x.ndim - 2
+        parts = ([source] if with_weight else []) + ([source.new_ones(*source.shape[:3], 1)] if with_bias else [])
+        a = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+        return a if order is None else a.reshape(-1, a.shape[-1]).index_select(1, order).view(*a.shape[:-1], len(order))
+    if any(module._reversed_padding_repeated_twice):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        if any(module._reversed_padding_repeated_twice):
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        x = x.contiguous()
-        c, g = x.shape[1], module.groups
-        k, s, d = module.kernel_size, module.stride, module.dilation
-        out = [(x.shape[2 + i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(dims)]
-        st = x.stride()
-        source = x.as_strided(
-            (b, g, c // g, *k, *out),
-            (st[0], (c // g) * st[1], st[1], *(d[i] * st[2 + i] for i in range(dims)), *(s[i] * st[2 + i] for i in range(dims))),
-        )
-        cols = (c // g) * math.prod(k) if with_weight else 0
-        a = x.new_empty(b, g, cols + with_bias, math.prod(out))
-        if with_weight:
-            a[:, :, :cols].view(source.shape).copy_(source)
-        a = a.permute(0, 3, 1, 2)
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    source = x.reshape(b, -1)
     if with_bias:
-        a[..., -1] = 1
-    return a
+        source = torch.cat([source, source.new_ones(b, 1)], 1)
+    index = _patch_index(tuple(x.shape[1:]), module.kernel_size, module.stride, module.dilation, module.groups, with_weight, with_bias, x.device)
+    if order is not None:
+        index = index[..., order]
+    return source.index_select(1, index.flatten()).view(b, *index.shape)
 
 
 def _normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -286,10 +296,11 @@ def _normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return xh.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
 
 
-def _layer_inputs(blk: Block, x: torch.Tensor) -> torch.Tensor:
-    """The input side of one call of a block, from the module's input, as :class:`LayerSignals` lays it out."""
+def _layer_inputs(blk: Block, x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """The input side of one call of a block, from the module's input, as :class:`LayerSignals` lays it out
+    (an ``outer`` block's columns in ``order``, if given)."""
     if blk.kind == "outer":
-        return _patches(blk.module, x, any(n.endswith("weight") for n in blk.params), blk.params[-1].endswith("bias"))
+        return _patches(blk.module, x, any(n.endswith("weight") for n in blk.params), blk.params[-1].endswith("bias"), order)
     if blk.kind == "scale":
         return _normalised(blk.module, x)
     return x.reshape(x.shape[0], -1)  # embedding: the token ids
@@ -375,13 +386,15 @@ class _Call:
 class _AllClasses(torch.autograd.Function):
     """``fn(layer_input, grads)`` with the classes of the gradients as a leading dimension, inside the
     backward pass vmapped over classes: the vmap rule hands all classes over at once, so that ``fn``
-    batches them itself (e.g. as rows of one matrix product) instead of vmap's rules doing it."""
+    batches them itself (e.g. as rows of one matrix product) instead of vmap's rules doing it. ``fn``
+    works by its side effects; the output is empty."""
 
     generate_vmap_rule = False
 
     @staticmethod
     def forward(grad: torch.Tensor, layer_input: torch.Tensor, fn: Callable) -> torch.Tensor:
-        return fn(layer_input, grad.unsqueeze(0)).squeeze(0)
+        fn(layer_input, grad.unsqueeze(0))
+        return grad.new_empty(0)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -389,14 +402,15 @@ class _AllClasses(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, grad, layer_input, fn):
-        return fn(layer_input, grad.movedim(in_dims[0], 0)), 0
+        fn(layer_input, grad.movedim(in_dims[0], 0))
+        return grad.new_empty(info.batch_size, 0), 0
 
 
 class _Tap(torch.autograd.Function):
     """The identity on a layer's output (as a copy, which later in-place operations may change), whose
-    backward hands the gradient at that output to ``fn`` and returns the result as the gradient of
-    ``sink``. Autograd sums these over layers: the sink's gradient is then the features, computed
-    while the backward pass runs, each layer's output gradients freed as soon as they are sketched."""
+    backward hands the gradient at that output to ``fn``. ``sink`` only puts the taps on the way of a
+    backward pass to it (which then computes no weight gradients): ``fn`` sketches each layer's output
+    gradients as the pass reaches them, which are then freed."""
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, layer_input: torch.Tensor, sink: torch.Tensor, fn: Callable) -> torch.Tensor:
@@ -407,7 +421,8 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (layer_input,) = ctx.saved_tensors
-        return grad, None, ctx.fn(layer_input, grad), None
+        ctx.fn(layer_input, grad)
+        return grad, None, None, None
 
 
 def _reached_around(root, outputs: dict[str, set], blocks: list[Block], params: dict[str, nn.Parameter]) -> set[str]:
@@ -554,35 +569,44 @@ class LayerGradients:
         n, features = batch_size_of(inputs), None
         if self.blocks:
             param = next(iter(self.params.values()))
-            sink = torch.zeros(n, projector.projection_dim, device=param.device,
-                               dtype=torch.promote_types(param.dtype, torch.float32), requires_grad=True)
+            dtype = torch.promote_types(param.dtype, torch.float32)
+            sink = torch.zeros((), device=param.device, dtype=dtype, requires_grad=True)
+            target: list[SketchTotal] = []  # the sum of sketches of the classes being backpropagated
 
             def tap(call: _Call, output: torch.Tensor) -> torch.Tensor:
                 prepared = []  # the input side, prepared once for all classes
 
-                def sketch(x: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+                def sketch(x: torch.Tensor, grads: torch.Tensor) -> None:
                     with torch.autocast(x.device.type, enabled=False):
                         if not prepared:
-                            dtype = torch.promote_types(grads.dtype, torch.float32)
-                            prepared.append(projector.prepare(call.position, call.block, _layer_inputs(call.block, x), dtype))
-                        features = projector.sketch(call.position, call.block, None, _layer_grads(call.block, grads, prepared[0]), prepared[0])
-                    return features.to(sink.device, sink.dtype)
+                            order = projector.column_order(call.position, call.block, x.device) if call.block.kind == "outer" else None
+                            inputs = _layer_inputs(call.block, x, order)
+                            prepared.append(projector.prepare(call.position, call.block, inputs, torch.promote_types(grads.dtype, torch.float32), order is not None))
+                        projector.sketch(call.position, call.block, None, _layer_grads(call.block, grads, prepared[0]), prepared[0], target[0])
 
-                def backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+                def backward(x: torch.Tensor, grad: torch.Tensor) -> None:
                     if self._vmapping:
-                        return _AllClasses.apply(grad, x, sketch)
-                    return sketch(x, grad.unsqueeze(0)).squeeze(0)
+                        _AllClasses.apply(grad, x, sketch)
+                    else:
+                        sketch(x, grad.unsqueeze(0))
 
                 return _Tap.apply(output, call.input.detach(), sink, backward)
 
+            @contextlib.contextmanager
+            def into(classes: slice) -> Iterator[None]:
+                target[:] = [SketchTotal(features[classes].zero_())]
+                yield
+                target.pop().result()
+
             with eval_mode(self.model), _autograd_on():
                 logits, calls = self._forward(differentiable(inputs), tap)
-                (features,) = self._backward(logits, [sink], summed, calls)
+                features = logits.new_empty(1 if summed else logits.shape[1], n, projector.projection_dim, dtype=dtype, device=param.device)
+                self._backward(logits, [sink], summed, calls, into)
             features = features.transpose(0, 1)
         if self._fallback is not None:
             position = len(self.blocks)
             parts = [
-                projector.sketch(position, self._flat, None, grads.unsqueeze(0) if summed else grads.transpose(0, 1)).transpose(0, 1)
+                projector.sketch(position, self._flat, None, grads.unsqueeze(0) if summed else grads.transpose(0, 1)).result().transpose(0, 1)
                 for _, grads in self._fallback.chunks(inputs, summed)
             ]
             flat = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -621,14 +645,17 @@ class LayerGradients:
                 )
         return logits, calls
 
-    def _backward(self, logits: torch.Tensor, targets: list[torch.Tensor], summed: bool, calls: list[_Call]) -> list[torch.Tensor]:
+    def _backward(self, logits: torch.Tensor, targets: list[torch.Tensor], summed: bool, calls: list[_Call],
+                  around: Callable[[slice], contextlib.AbstractContextManager] | None = None) -> list[torch.Tensor]:
         """The gradients of each class's logit (summed over the batch, whose examples are independent)
-        with respect to ``targets``, class-first ``[C, *target.shape]``.
+        with respect to ``targets``, class-first ``[C, *target.shape]``; ``around(classes)`` is entered
+        around the backward pass of those classes.
 
         With ``batch_classes``, one backward pass vmapped over classes, for groups of classes whose
         output gradients at the largest layer fit the memory budget (a loop over classes where an
         operation has no batching rule, e.g. recurrent layers); otherwise one backward pass per class.
         """
+        around = around or (lambda classes: contextlib.nullcontext())
         if summed:
             seeds = torch.ones_like(logits).unsqueeze(0)
         else:
@@ -638,26 +665,32 @@ class LayerGradients:
         def backward(seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return torch.autograd.grad(logits, targets, seed, retain_graph=True, materialize_grads=True)
 
-        def loop(group: torch.Tensor) -> list[torch.Tensor]:
-            return [torch.stack(g) for g in zip(*map(backward, group))]
+        def loop(group: torch.Tensor, start: int) -> list[torch.Tensor]:
+            grads = []
+            for c, seed in enumerate(group, start):
+                with around(slice(c, c + 1)):
+                    grads.append(backward(seed))
+            return [torch.stack(g) for g in zip(*grads)]
 
         batched = self.batch_classes if self.batch_classes is not None else logits.device.type != "cpu"
         if not batched or len(seeds) == 1:
-            return loop(seeds)
+            return loop(seeds, 0)
         largest = max(call.output_bytes for call in calls)
         size = max(1, self.memory_budget // largest)
         parts = []
-        for group in seeds.split(size):
+        for start in range(0, len(seeds), size):
+            group = seeds[start : start + size]
             if self._vmap_backward:
                 self._vmapping = True
                 try:
-                    parts.append(vmap(backward)(group))
+                    with around(slice(start, start + len(group))):
+                        parts.append(vmap(backward)(group))
                     continue
                 except RuntimeError:
                     self._vmap_backward = False
                 finally:
                     self._vmapping = False
-            parts.append(loop(group))
+            parts.append(loop(group, start))
         return [torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts)]
 
     def _check_structure(self, inputs: Any) -> None:

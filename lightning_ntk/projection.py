@@ -13,6 +13,7 @@ whose hash follows the layers' structure, so that it applies to the per-layer si
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -126,20 +127,25 @@ class BlockHash:
     def to(self, device: torch.device, dtype: torch.dtype) -> "BlockHash":
         return BlockHash(self.row_sign.to(device, dtype), self.col_index.to(device), self.col_sign.to(device, dtype), self.offset)
 
+    @functools.cached_property
+    def signs(self) -> torch.Tensor:
+        """``[rows, cols]``: the sign of every entry of the column-permuted matrix (built when first used)."""
+        return self.row_sign[:, None] * self.col_sign
 
-def _fold(x: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum the ``k``-long chunks of the last dimension (bucket ``p mod k`` of coordinate ``p``), into
-    ``out`` if given."""
+
+def _fold_into(x: torch.Tensor, k: int, offset: int, out: torch.Tensor) -> None:
+    """Add coordinate ``p`` of ``x``'s last dimension to bucket ``(offset + p) mod k`` of ``out``."""
     n = x.shape[-1]
-    whole = n // k * k
-    if out is None:
-        out = x.new_empty(*x.shape[:-1], k)
-    if whole:
-        torch.sum(x[..., :whole].unflatten(-1, (-1, k)), -2, out=out)
-        out[..., : n - whole] += x[..., whole:]
-    else:
-        out.zero_()[..., :n] = x
-    return out
+    head = min(n, k - offset)
+    out[..., offset : offset + head] += x[..., :head]
+    rest = x[..., head:]
+    whole = (n - head) // k * k
+    if whole == k:
+        out += rest[..., :k]
+    elif whole:
+        out += rest[..., :whole].unflatten(-1, (-1, k)).sum(-2)
+    if n - head - whole:
+        out[..., : n - head - whole] += rest[..., whole:]
 
 
 def _columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -147,19 +153,37 @@ def _columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(1, index).view(*x.shape[:-1], len(index))
 
 
-def _signed_columns(a: torch.Tensor, h: BlockHash) -> torch.Tensor:
-    """``ã``: the inputs ``[B, T, groups, cols]`` with their columns permuted and signed, laid out
-    columns-last; inputs laid out positions-last (convolutions' patches) are gathered in that layout."""
-    positions_last = a.permute(0, 2, 3, 1)
-    if not positions_last.is_contiguous():
-        return _columns(a, h.col_index).mul_(h.col_sign)
-    gathered = positions_last.index_select(2, h.col_index).permute(0, 3, 1, 2)
-    return a.new_empty(a.shape).copy_(gathered).mul_(h.col_sign)
+def _hash_row(g: torch.Tensor, h: BlockHash, k: int, out: torch.Tensor) -> None:
+    """Add the count-sketch of gradients with one row, ``[..., cols]`` formed as they are, to ``out``."""
+    _fold_into(_columns(g, h.col_index).mul_(h.col_sign * h.row_sign), k, h.offset, out)
 
 
-def _hash_row(g: torch.Tensor, h: BlockHash, k: int) -> torch.Tensor:
-    """The count-sketch ``[..., K]`` of gradients with one row, ``[..., cols]``, formed as they are."""
-    return torch.roll(_fold(_columns(g, h.col_index).mul_(h.col_sign * h.row_sign), k), h.offset, -1)
+def _signs_inputs(block, positions: int) -> bool:
+    """Whether the fold route signs the inputs' columns and the output gradients' rows (``positions·(cols +
+    rows)`` per example) rather than the formed matrices (``rows·cols`` per example and class)."""
+    return positions < block.cols
+
+
+class SketchTotal:
+    """The sum of blocks' sketches ``[C, B, K]`` as the blocks are sketched: blocks on the fold routes
+    add into ``folded`` at their buckets; those on the FFT route add their spectra, which :meth:`result`
+    transforms back once for all of them."""
+
+    def __init__(self, folded: torch.Tensor):
+        self.folded = folded
+        self.spectrum: torch.Tensor | None = None
+
+    def add_spectrum(self, spectrum: torch.Tensor, examples: slice) -> None:
+        if self.spectrum is None:
+            f = self.folded
+            self.spectrum = f.new_zeros(*f.shape[:-1], f.shape[-1] // 2 + 1, dtype=torch.promote_types(f.dtype, torch.complex64))
+        self.spectrum[:, examples] += spectrum
+
+    def result(self) -> torch.Tensor:
+        if self.spectrum is not None:
+            self.folded += torch.fft.irfft(self.spectrum, n=self.folded.shape[-1])
+            self.spectrum = None
+        return self.folded
 
 
 def hash_positions(blocks: list) -> list[int]:
@@ -243,86 +267,102 @@ class SketchProjector:
     def project(self, signals: list) -> torch.Tensor:
         """``[B, C, K]`` sketches of the per-example, per-class gradients described by ``signals``
         (one :class:`~lightning_ntk.layers.LayerSignals` per block, in layout order, all classes)."""
-        positions = hash_positions([sig.block for sig in signals])
-        return sum(self.sketch(position, sig.block, sig.inputs, sig.grads) for position, sig in zip(positions, signals)).transpose(0, 1)
+        total = None
+        for position, sig in zip(hash_positions([sig.block for sig in signals]), signals):
+            total = self.sketch(position, sig.block, sig.inputs, sig.grads, into=total)
+        return total.result().transpose(0, 1)
 
     __call__ = project
 
-    def prepare(self, position: int, block, inputs: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    def column_order(self, position: int, block, device: torch.device) -> torch.Tensor:
+        """The order in which :meth:`prepare` wants an ``outer`` block's input columns (``ordered=True``),
+        so that they can be gathered in it at once."""
+        return self.block_hash(position, block, device, torch.float32).col_index
+
+    def prepare(self, position: int, block, inputs: torch.Tensor | None, dtype: torch.dtype, ordered: bool = False) -> torch.Tensor | None:
         """What the sketch of a block needs from its input side, the same for every class: for ``outer``
-        blocks the inputs with their columns signed and permuted, ``ã`` ``[B, T, groups, cols]`` (on the
-        FFT route, the spectra of their count-sketches, ``[B, T, groups, K/2+1]``); other blocks' inputs
-        as they are."""
+        blocks the inputs with their columns permuted (and signed where the route signs inputs), ``ã``
+        ``[B, T, groups, cols]`` (on the FFT route, the spectra of their count-sketches, ``[B, T, groups,
+        K/2+1]``); other blocks' inputs as they are. ``ordered``: the columns are already in
+        :meth:`column_order`."""
         if inputs is None or block.kind != "outer":
             return inputs
         h = self.block_hash(position, block, inputs.device, dtype)
-        a = _signed_columns(inputs.to(dtype), h)
-        return torch.fft.rfft(_fold(a, self.projection_dim)) if self.prefers_fft(block, a.shape[1]) else a
+        a = inputs.to(dtype) if ordered else _columns(inputs.to(dtype), h.col_index)
+        fft = self.prefers_fft(block, a.shape[1])
+        if fft or _signs_inputs(block, a.shape[1]):
+            a = a * h.col_sign if a is inputs else a.mul_(h.col_sign)
+        if not fft:
+            return a
+        sketches = a.new_zeros(*a.shape[:-1], self.projection_dim)
+        _fold_into(a, self.projection_dim, 0, sketches)
+        return torch.fft.rfft(sketches)
 
-    def sketch(self, position: int, block, inputs: torch.Tensor | None, grads: torch.Tensor, prepared: torch.Tensor | None = None) -> torch.Tensor:
-        """``[C, B, K]``: the sketch of one block's gradients for every class, from its signals in the
-        layout of :class:`~lightning_ntk.layers.LayerSignals` (``grads`` class-first); ``prepared`` is
-        :meth:`prepare`'s result for these inputs, if already at hand."""
+    def sketch(self, position: int, block, inputs: torch.Tensor | None, grads: torch.Tensor, prepared: torch.Tensor | None = None,
+               into: SketchTotal | None = None) -> SketchTotal:
+        """Add the sketch of one block's gradients for every class, ``[C, B, K]``, to ``into`` (a new
+        :class:`SketchTotal` if None) and return it; the signals are laid out as
+        :class:`~lightning_ntk.layers.LayerSignals` lays them out (``grads`` class-first), and
+        ``prepared`` is :meth:`prepare`'s result for these inputs, if already at hand."""
         dtype = torch.promote_types(grads.dtype, torch.float32)
         h = self.block_hash(position, block, grads.device, dtype)
         d = grads.to(dtype)
+        if into is None:
+            into = SketchTotal(d.new_zeros(*d.shape[:2], self.projection_dim))
         if prepared is None:
             prepared = self.prepare(position, block, inputs, dtype)
+        k, out = self.projection_dim, into.folded
         if block.kind == "flat":
-            return _hash_row(d, h, self.projection_dim)
-        if block.kind == "embedding":
-            return self._embedding(block, h, prepared, d)
-        if block.kind == "scale":
+            _hash_row(d, h, k, out)
+        elif block.kind == "embedding":
+            self._embedding(block, h, prepared, d, out)
+        elif block.kind == "scale":
             x = prepared.to(dtype)
             parts = [torch.einsum("cbtd,btd->cbd", d, x) if p.endswith("weight") else d.sum(2) for p in block.params]
-            return _hash_row(torch.cat(parts, dim=-1), h, self.projection_dim)
-        if prepared.is_complex():  # spectra: prepared for the FFT route
-            return self._outer_spectrum(block, h, prepared, d)
-        return self._outer_fold(block, h, prepared, d)
+            _hash_row(torch.cat(parts, dim=-1), h, k, out)
+        elif prepared.is_complex():  # spectra: prepared for the FFT route
+            self._outer_spectrum(block, h, prepared, d, into)
+        else:
+            self._outer_fold(block, h, prepared, d, out)
+        return into
 
-    def _outer_fold(self, block, h: BlockHash, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """``d`` ``[C, B, T, rows]``: form ``Σ_t d_t ãᵀ_t`` for all classes with its rows signed, fold it."""
+    def _outer_fold(self, block, h: BlockHash, a: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> None:
+        """``d`` ``[C, B, T, rows]``: form ``Σ_t d_t ãᵀ_t`` for all classes, sign it, fold it into ``out``."""
         k, g, rows = self.projection_dim, block.groups, block.rows
         classes, n, t = d.shape[:3]
         step = self._examples_per_piece(classes * block.size, d.element_size(), d.device)
-        sign_first = t < block.cols  # sign the rows of d (T·rows) rather than those of the matrix (rows·cols)
-        folded = d.new_empty(n, classes, k)
+        signed_inputs = _signs_inputs(block, t)  # then sign the rows of d; else sign the formed matrices
         for s in range(0, n, step):
             ds, as_ = d[:, s : s + step], a[s : s + step]
             b = ds.shape[1]
             if g == 1:  # the classes stacked as rows of one matrix product per example
                 lhs = ds.permute(1, 0, 3, 2)
-                if sign_first:
+                if signed_inputs:
                     lhs = torch.mul(lhs, h.row_sign[:, None], out=d.new_empty(lhs.shape))
                 m = torch.bmm(lhs.reshape(b, classes * rows, t), as_[:, :, 0]).view(b, classes, rows, block.cols)
             else:
-                ds = ds * h.row_sign if sign_first else ds
+                ds = ds * h.row_sign if signed_inputs else ds
                 m = torch.einsum("cbtgo,btgi->bcgoi", ds.unflatten(-1, (g, -1)), as_).reshape(b, classes, rows, block.cols)
-            if not sign_first:
-                m.mul_(h.row_sign[:, None])
-            _fold(m.view(b, classes, rows * block.cols), k, folded[s : s + step])
-        return torch.roll(folded, h.offset, -1).transpose(0, 1)
+            if not signed_inputs:
+                m.mul_(h.signs)
+            _fold_into(m.view(b, classes, rows * block.cols), k, h.offset, out[:, s : s + b].transpose(0, 1))
 
-    def _outer_spectrum(self, block, h: BlockHash, a_hat: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """``d`` ``[C, B, T, rows]``: ``IFFT(Σ_t FFT(CS(d_t))·FFT(CS(ã_t)))`` for all classes."""
+    def _outer_spectrum(self, block, h: BlockHash, a_hat: torch.Tensor, d: torch.Tensor, into: SketchTotal) -> None:
+        """``d`` ``[C, B, T, rows]``: add ``Σ_t FFT(CS(d_t))·FFT(CS(ã_t))`` for all classes to ``into``'s spectrum."""
         k, g = self.projection_dim, block.groups
         classes, n, t = d.shape[:3]
         per_group = block.rows // g
         buckets = ((h.offset + torch.arange(block.rows, device=d.device) * block.cols) % k).view(g, per_group)
         signed = (d * h.row_sign).unflatten(-1, (g, per_group))
         step = self._examples_per_piece(classes * t * g * (k + 2), d.element_size(), d.device)
-        pieces = []
         for s in range(0, n, step):
             ds = signed[:, s : s + step]
             sketch = ds.new_zeros(*ds.shape[:-1], k).scatter_add_(-1, buckets.expand(*ds.shape[:-2], g, per_group), ds)
-            pieces.append(torch.einsum("cbtgf,btgf->cbf", torch.fft.rfft(sketch), a_hat[s : s + step]))
-        spectrum = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
-        return torch.fft.irfft(spectrum, n=k)
+            into.add_spectrum(torch.einsum("cbtgf,btgf->cbf", torch.fft.rfft(sketch), a_hat[s : s + step]), slice(s, s + ds.shape[1]))
 
-    def _embedding(self, block, h: BlockHash, tokens: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """``d`` ``[C, B, T, cols]``: scatter each token's gradient row into its buckets."""
+    def _embedding(self, block, h: BlockHash, tokens: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> None:
+        """``d`` ``[C, B, T, cols]``: scatter each token's gradient row into its buckets of ``out``."""
         k = self.projection_dim
         signed = _columns(d, h.col_index).mul_(h.col_sign).mul_(h.row_sign[tokens][..., None])
         buckets = (h.offset + tokens[..., None] * block.cols + torch.arange(block.cols, device=d.device)) % k
-        out = d.new_zeros(*d.shape[:2], k)
-        return out.scatter_add_(-1, buckets.flatten(1).expand(d.shape[0], -1, -1), signed.flatten(2))
+        out.scatter_add_(-1, buckets.flatten(1).expand(d.shape[0], -1, -1), signed.flatten(2))
