@@ -107,7 +107,11 @@ class _PackedProjection(nn.Module):
         self.attention = [attention]  # in a list: not registered as a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: the query, key and value ``[B, T, 3, E]``, or ``[B, T, E]`` when they are one tensor
+        (self-attention): then a plain linear layer of ``3E`` outputs (one group)."""
         attention = self.attention[0]
+        if x.dim() == 3:
+            return F.linear(x, attention.in_proj_weight, attention.in_proj_bias)
         e = attention.embed_dim
         out = torch.einsum("btgi,goi->btgo", x, attention.in_proj_weight.view(3, e, e))
         if attention.in_proj_bias is not None:
@@ -122,13 +126,17 @@ def _attention_forward(attention: nn.MultiheadAttention, projection: _PackedProj
     ``F.multi_head_attention_forward`` with identity projections (exact)."""
     if query.dim() != 3:
         raise ValueError("The structured path needs batched inputs of nn.MultiheadAttention ([B, T, E] or [T, B, E]).")
+    one_input = query is key is value  # self-attention: one input, projected as one linear layer
     if not attention.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     tq, tk, e = query.shape[1], key.shape[1], attention.embed_dim
-    length = max(tq, tk)  # positions beyond a sequence's end are zeros, which add nothing to the gradient
-    stacked = torch.stack([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in (query, key, value)], dim=2)
-    projected = projection(stacked).unflatten(-1, (3, e))
-    q, k, v = (projected[:, :n, i].transpose(0, 1) for i, n in enumerate((tq, tk, tk)))
+    if one_input:
+        q, k, v = (t.transpose(0, 1) for t in projection(query).split(e, dim=-1))
+    else:
+        length = max(tq, tk)  # positions beyond a sequence's end are zeros, which add nothing to the gradient
+        stacked = torch.stack([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in (query, key, value)], dim=2)
+        projected = projection(stacked).unflatten(-1, (3, e))
+        q, k, v = (projected[:, :n, i].transpose(0, 1) for i, n in enumerate((tq, tk, tk)))
     eye = torch.eye(e, dtype=q.dtype, device=q.device)
     out, weights = F.multi_head_attention_forward(
         q, k, v, e, attention.num_heads, None, None, None, None, False, attention.dropout, eye, None,
@@ -264,7 +272,7 @@ def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: b
     or the columns in ``order`` if given; a convolution's are gathered from its input at once."""
     b = x.shape[0]
     if not isinstance(module, CONV_TYPES):  # Linear, Conv1D, an attention's in-projection (3 groups)
-        source = x.reshape(b, -1, getattr(module, "groups", 1), x.shape[-1])
+        source = x.reshape(b, -1, 3 if isinstance(module, _PackedProjection) and x.dim() == 4 else 1, x.shape[-1])
         parts = ([source] if with_weight else []) + ([source.new_ones(*source.shape[:3], 1)] if with_bias else [])
         a = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
         return a if order is None else a.reshape(-1, a.shape[-1]).index_select(1, order).view(*a.shape[:-1], len(order))
@@ -343,7 +351,7 @@ class LayerSignals:
         x = self.inputs
         c, b = d.shape[:2]
         if blk.kind == "outer":
-            return torch.einsum("cbtgo,btgi->bcgoi", d.unflatten(-1, (blk.groups, -1)), x).reshape(b, c, blk.rows, blk.cols)
+            return torch.einsum("cbtgo,btgi->bcgoi", d.unflatten(-1, (x.shape[2], -1)), x).reshape(b, c, blk.rows, blk.cols)
         if blk.kind == "embedding":
             index = x[:, None, :, None].expand(-1, c, -1, blk.cols)
             return d.new_zeros(b, c, blk.rows, blk.cols).scatter_add_(2, index, d.transpose(0, 1))
@@ -542,6 +550,8 @@ class LayerGradients:
             for blk in self.blocks:
                 mine = [(call, g) for call, g in zip(calls, grads) if call.block is blk]
                 xs = [_layer_inputs(blk, call.input.detach()) for call, _ in mine]
+                if blk.kind == "outer":  # an attention's in-projection may have run on one input and on three
+                    xs = [x.expand(-1, -1, max(x.shape[2] for x in xs), -1) for x in xs]
                 ds = [_layer_grads(blk, g, x) for (_, g), x in zip(mine, xs)]
                 if not mine:  # the layer did not run: its gradient is zero
                     xs, ds = self._zero_signals(blk, logits, classes)
@@ -788,7 +798,7 @@ def signal_gram(signals_a: list[LayerSignals], signals_b: list[LayerSignals]) ->
         if kind == "flat":
             k = torch.einsum("cbp,csp->bs", sa.grads, sb.grads)
         elif kind == "outer":
-            g = sa.block.groups
+            g = sa.inputs.shape[2]
             da, db = (s.grads.unflatten(-1, (g, -1)) for s in (sa, sb))  # [C, B, T, g, rows/g]
             same_inputs = torch.einsum("btgi,sugi->gbtsu", sa.inputs, sb.inputs)
             same_grads = torch.einsum("cbtgo,csugo->gbtsu", da, db)

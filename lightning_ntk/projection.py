@@ -318,7 +318,7 @@ class SketchProjector:
             self._embedding(block, h, prepared, d, out)
         elif block.kind == "scale":
             x = prepared.to(dtype)
-            parts = [torch.einsum("cbtd,btd->cbd", d, x) if p.endswith("weight") else d.sum(2) for p in block.params]
+            parts = [(d * x).sum(2) if p.endswith("weight") else d.sum(2) for p in block.params]
             _hash_row(torch.cat(parts, dim=-1), h, k, out)
         elif prepared.is_complex():  # spectra: prepared for the FFT route
             self._outer_spectrum(block, h, prepared, d, into)
@@ -328,7 +328,7 @@ class SketchProjector:
 
     def _outer_fold(self, block, h: BlockHash, a: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> None:
         """``d`` ``[C, B, T, rows]``: form ``Σ_t d_t ãᵀ_t`` for all classes, sign it, fold it into ``out``."""
-        k, g, rows = self.projection_dim, block.groups, block.rows
+        k, g, rows = self.projection_dim, a.shape[2], block.rows
         classes, n, t = d.shape[:3]
         step = self._examples_per_piece(classes * block.size, d.element_size(), d.device)
         signed_inputs = _signs_inputs(block, t)  # then sign the rows of d; else sign the formed matrices
@@ -349,7 +349,7 @@ class SketchProjector:
 
     def _outer_spectrum(self, block, h: BlockHash, a_hat: torch.Tensor, d: torch.Tensor, into: SketchTotal) -> None:
         """``d`` ``[C, B, T, rows]``: add ``Σ_t FFT(CS(d_t))·FFT(CS(ã_t))`` for all classes to ``into``'s spectrum."""
-        k, g = self.projection_dim, block.groups
+        k, g = self.projection_dim, a_hat.shape[2]
         classes, n, t = d.shape[:3]
         per_group = block.rows // g
         buckets = ((h.offset + torch.arange(block.rows, device=d.device) * block.cols) % k).view(g, per_group)
