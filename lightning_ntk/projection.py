@@ -239,6 +239,7 @@ class SketchProjector:
         self.fold_weight = float(fold_weight)
         self.piece_bytes = piece_bytes
         self._cache: dict[tuple, BlockHash] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     def block_hash(self, position: int, block, device: torch.device, dtype: torch.dtype) -> BlockHash:
         """The hash of the block at ``position`` of the layout, on ``device``."""
@@ -259,6 +260,18 @@ class SketchProjector:
         fold = positions * block.rows * block.cols + self.fold_weight * block.rows * block.cols
         fft = self.fft_weight * positions * block.groups * k * math.log2(k)
         return fft < fold
+
+    def _scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` in a buffer kept between calls on the CPU, where fresh
+        memory of this size costs page faults at every use; elsewhere a new tensor (caching allocators)."""
+        if like.device.type != "cpu":
+            return like.new_empty(shape)
+        numel = math.prod(shape)
+        key = (name, like.dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = like.new_empty(numel)
+        return buffer[:numel].view(shape)
 
     def _examples_per_piece(self, per_example: int, itemsize: int, device: torch.device) -> int:
         budget = self.piece_bytes if self.piece_bytes is not None else (1 << 21 if device.type == "cpu" else 1 << 28)
@@ -338,8 +351,9 @@ class SketchProjector:
             if g == 1:  # the classes stacked as rows of one matrix product per example
                 lhs = ds.permute(1, 0, 3, 2)
                 if signed_inputs:
-                    lhs = torch.mul(lhs, h.row_sign[:, None], out=d.new_empty(lhs.shape))
-                m = torch.bmm(lhs.reshape(b, classes * rows, t), as_[:, :, 0]).view(b, classes, rows, block.cols)
+                    lhs = torch.mul(lhs, h.row_sign[:, None], out=self._scratch("signed", lhs.shape, d))
+                m = torch.bmm(lhs.reshape(b, classes * rows, t), as_[:, :, 0], out=self._scratch("formed", (b, classes * rows, block.cols), d))
+                m = m.view(b, classes, rows, block.cols)
             else:
                 ds = ds * h.row_sign if signed_inputs else ds
                 m = torch.einsum("cbtgo,btgi->bcgoi", ds.unflatten(-1, (g, -1)), as_).reshape(b, classes, rows, block.cols)
