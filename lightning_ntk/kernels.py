@@ -112,9 +112,23 @@ def kernel_from_features(
     """``κ(A, B)`` as an ``[Na, Nb]`` matrix (``B = A`` when omitted).
 
     ``normalize=True`` gives the cosine-normalised kernel (trNTK, pNTK); ``False`` the raw one
-    (trNTK⁰). For row blocks without the full matrix, use :func:`kernel_blocks`.
+    (trNTK⁰). For row blocks without the full matrix, use :func:`kernel_blocks`. ``κ(A, A)`` is
+    symmetric: only the blocks on and below the diagonal are multiplied, the others mirrored (about half
+    the work).
     """
-    return torch.cat([block for _, block in kernel_blocks(features_a, features_b, normalize, block_size)])
+    if features_b is not None:
+        return torch.cat([block for _, block in kernel_blocks(features_a, features_b, normalize, block_size)])
+    _check_features(features_a, "features_a")
+    flat = _flat(features_a)
+    if normalize:
+        flat = unit_rows(flat, feature_norms(features_a, block_size))
+    n = flat.shape[0]
+    out = flat.new_empty(n, n)
+    for start in range(0, n, block_size):
+        stop = min(start + block_size, n)
+        out[start:stop, :stop] = flat[start:stop] @ flat[:stop].T
+        out[:start, start:stop] = out[start:stop, :start].T
+    return out
 
 
 def entk_from_features(features_a: torch.Tensor, features_b: torch.Tensor | None = None) -> torch.Tensor:
