@@ -587,7 +587,8 @@ class LayerGradients:
                 prepared = []  # the input side, prepared once for all classes
 
                 def sketch(x: torch.Tensor, grads: torch.Tensor) -> None:
-                    with torch.autocast(x.device.type, enabled=False):
+                    autocast = torch.is_autocast_enabled(x.device.type)
+                    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
                         if not prepared:
                             order = projector.column_order(call.position, call.block, x.device) if call.block.kind == "outer" else None
                             inputs = _layer_inputs(call.block, x, order)
