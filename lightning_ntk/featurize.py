@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, check_logits, eval_mode, parameter_fingerprint
+from .jacobian import NonFiniteGradientError, ParamSelection, all_finite, PerExampleGradients, check_logits, eval_mode, parameter_fingerprint
 from .layers import CONV_TYPES, LayerGradients
 from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector
 from .registry import get_kernel, names, projected
@@ -161,10 +161,10 @@ class Featurizer:
         step = self.chunk_size or n
         parts = [self.gradients.project(slice_inputs(inputs, s, s + step), self.projector, self.summed) for s in range(0, n, step)]
         features = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if not torch.isfinite(features).all():  # name the culprit (only on this rare path)
+        if not all_finite(features):  # name the culprit (only on this rare path)
             for sig in self.gradients(inputs, self.summed):
                 for name, g in sig.parameter_gradients().items():
-                    if not torch.isfinite(g).all():
+                    if not all_finite(g):
                         raise NonFiniteGradientError.of(name)
             raise NonFiniteGradientError("The projected features hold NaN or inf: check the inputs for NaN/inf.")
         return features[:, 0] if self.summed else features

@@ -30,6 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from .featurize import FeatureSpec
+from .jacobian import all_finite
 from .kernels import DEFAULT_BLOCK_SIZE, as_tensor, unit_rows
 from .metrics import predictions
 
@@ -38,8 +39,7 @@ NORMALISED_TOLERANCE = 1e-3  # a cosine kernel has a unit diagonal and |κ| ≤ 
 
 
 def check_finite(values: torch.Tensor, name: str) -> None:
-    """Refuse NaN and inf, read in one pass without a mask the size of ``values`` (NaN reaches the extrema)."""
-    if values.numel() and not torch.isfinite(torch.stack(torch.aminmax(values))).all():
+    if not all_finite(values):
         raise ValueError(
             f"The {name} holds NaN or inf. Recompute it from finite features (an example whose gradient is zero "
             "has no cosine-normalised kernel: check the model's gradients, or use the unnormalised kind trntk0)."
