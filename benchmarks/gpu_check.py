@@ -340,9 +340,9 @@ def trainer_run(device: torch.device, sizes: Sizes) -> list[str]:
     module = Classifier(ResNet18(width=sizes.resnet_width), lr=0.05)
     timer = EpochTimes()
     callback = ln.NTKAttributionCallback(
-        kernel="proj_trntk", projector="sketch", projection_dim=2048, max_train_examples=sizes.reference,
-        max_query_examples=sizes.query, top_k=0, at_fit_end=False, batch_size=sizes.trainer_batch,
-        store_dir=tempfile.mkdtemp(prefix="ntk-store-"),
+        kernel="proj_trntk", projection={"dim": 2048, "projector": "sketch"},
+        subsets={"max_train_examples": sizes.reference, "max_query_examples": sizes.query, "batch_size": sizes.trainer_batch},
+        top_k=0, at_fit_end=False, store={"dir": tempfile.mkdtemp(prefix="ntk-store-")},
     )
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=2, callbacks=[timer, callback],
@@ -351,7 +351,7 @@ def trainer_run(device: torch.device, sizes: Sizes) -> list[str]:
     )
     trainer.fit(module, DataLoader(train, batch_size=sizes.trainer_batch, shuffle=True, num_workers=2),
                 DataLoader(val, batch_size=sizes.trainer_batch, num_workers=2))
-    fallback = callback._featurizer.gradients.fallback_modules
+    fallback = callback.pipeline.featurizer.gradients.fallback_modules
     lines = [
         f"ResNet-18 on {sizes.train:,} synthetic 3×32×32 examples, batch {sizes.trainer_batch}, {sizes.reference:,} reference / "
         f"{sizes.query:,} query, sketch K = 2,048, modules on the generic path: {len(fallback)}",
@@ -360,7 +360,7 @@ def trainer_run(device: torch.device, sizes: Sizes) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for epoch, (seconds, after, row) in enumerate(zip(timer.epochs, timer.after, callback.history)):
-        lines.append(f"| {epoch} | {seconds:.1f} | {after:.1f} | {row['featurize_seconds']:.1f} | {row['fit_seconds']:.1f} | {after / seconds:.2f} |")
+        lines.append(f"| {epoch} | {seconds:.1f} | {after:.1f} | {row.featurize_seconds:.1f} | {row.fit_seconds:.1f} | {after / seconds:.2f} |")
     return lines
 
 

@@ -251,13 +251,17 @@ class _Preconditioner:
 def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
     """The Cholesky factor of a symmetric positive (semi)definite matrix, with the smallest diagonal
     jitter that makes rounding errors harmless."""
+    scale = float(matrix.diagonal().abs().max())
+    if not (math.isfinite(scale) and bool(torch.isfinite(matrix).all())):
+        raise FloatingPointError("The surrogate's Hessian holds NaN or inf: the kernel or the starting point is not finite.")
     jitter = 0.0
     identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    while True:
+    for _ in range(64):  # from 1e-14 of the diagonal up: far above it, any symmetric matrix is positive definite
         factor, info = torch.linalg.cholesky_ex(matrix + jitter * identity)
         if info == 0:
             return factor
-        jitter = max(10 * jitter, float(matrix.diagonal().abs().max()) * 1e-14)
+        jitter = max(10 * jitter, max(scale, torch.finfo(matrix.dtype).tiny) * 1e-14)
+    raise FloatingPointError("No Cholesky factor of the surrogate's Hessian: it is not symmetric.")
 
 
 def _newton_step(
@@ -326,8 +330,15 @@ def _solve(
     basis, eigenvalues = basis[:, useful], eigenvalues[useful]
 
     zero = torch.zeros_like(theta)
-    start_gradient = float(objective.gradient(zero, loss(zero[:-1])[1]).norm())  # the scale of the reported gradient norm
-    logits = objective.logits(theta) if theta.any() else zero[:-1]
+    zero_value, zero_probabilities = loss(zero[:-1])
+    start_gradient = float(objective.gradient(zero, zero_probabilities).norm())  # the scale of the reported gradient norm
+    logits, warm = zero[:-1], False
+    if theta.any():
+        start_logits = objective.logits(theta)
+        # a start worse than none (e.g. another kernel's solution, confidently wrong on this one) is dropped:
+        # its saturated probabilities leave the loss almost no curvature to take Newton steps with
+        warm = bool(torch.isfinite(start_logits).all()) and float(loss(start_logits)[0]) + objective.penalty(theta) < float(zero_value)
+        theta, logits = (theta, start_logits) if warm else (zero, zero[:-1])
     history: list[float] = []
     for iteration in range(max_iter + 1):
         value, probabilities = loss(logits)
@@ -342,10 +353,13 @@ def _solve(
             break
         step, logit_step = _newton_step(objective, probabilities, preconditioner, gradient, direction, min(0.5, math.sqrt(gap)), max_cg)
         slope = float((gradient * step).sum())
-        if slope >= 0:  # rounding errors dominate the gradient: no descent direction is left
+        if not slope < 0:  # rounding errors dominate the gradient: no descent direction is left
             break
         length = _line_search(objective, logits, logit_step, theta, step, slope)
-        theta, logits = theta + length * step, logits + length * logit_step
+        new_theta, new_logits = theta + length * step, logits + length * logit_step
+        if not (torch.isfinite(new_theta).all() and torch.isfinite(new_logits).all()):
+            break
+        theta, logits = new_theta, new_logits
 
     # the final objective with float64 accumulation (the iterates' logits carry the kernel's rounding)
     value, _ = loss(kernel.exact(theta[:-1]) + theta[-1])
@@ -358,6 +372,7 @@ def _solve(
         "converged": gap <= tolerance,
         "kernel_passes": kernel.passes,
         "rank": int(eigenvalues.numel()),
+        "warm_start": warm,
     }
     return theta, history, record
 
@@ -595,7 +610,7 @@ def _fit(
     with torch.no_grad():
         surrogate.weight.copy_(theta[:-1].T)
         surrogate.bias.copy_(theta[-1])
-    surrogate.history, surrogate.fit_record = history, dict(record, warm_start=warm)
+    surrogate.history, surrogate.fit_record = history, record
     return surrogate
 
 
@@ -633,7 +648,8 @@ def fit_from_kernel(
     ``gap`` (the estimated relative distance to the optimum's objective, from the Newton decrement),
     ``gradient_norm`` (relative to the gradient at ``W = 0, b = 0``), ``converged`` (``gap ≤ tolerance``),
     ``kernel_passes`` (products with the kernel, the bulk of the cost), ``rank`` (eigenvectors used)
-    and ``warm_start`` (whether ``init`` was used).
+    and ``warm_start`` (whether ``init`` was used: a start whose objective is above that of zero weights is
+    dropped, e.g. a previous solution that is confidently wrong on a kernel that changed much).
     """
     train_kernel = _fitting_tensor(train_kernel)
     if train_kernel.ndim != 2 or train_kernel.shape[0] != train_kernel.shape[1] or train_kernel.shape[0] == 0:

@@ -237,6 +237,21 @@ def test_warm_start_reaches_the_same_optimum_in_fewer_iterations(digits):
     assert not fit_from_kernel(kernel, y, init=other).fit_record["warm_start"]
 
 
+def test_a_confidently_wrong_start_is_dropped(digits):
+    """A previous solution that is confidently wrong on the new kernel (its probabilities saturated, so the
+    loss has almost no curvature there) is no starting point: the fit starts from zero and reaches the
+    cold optimum, instead of taking Newton steps that overflow."""
+    x, y = digits["x_train"], digits["y_train"]
+    kernel = digits["k_train"]
+    confident = fit_from_kernel(kernel, y)
+    with torch.no_grad():
+        confident.weight.copy_(confident.weight[torch.randperm(confident.weight.shape[0], generator=torch.Generator().manual_seed(0))] * 1e3)
+    cold, dropped = fit_from_kernel(kernel, y), fit_from_kernel(kernel, y, init=confident)
+    assert not dropped.fit_record["warm_start"] and dropped.converged
+    assert dropped.fit_record["objective"] == pytest.approx(cold.fit_record["objective"], rel=1e-8)
+    assert torch.isfinite(dropped.weight).all()
+
+
 def test_float32_and_float64_inputs_reach_the_same_optimum(digits):
     k, y = digits["k_train"], digits["y_train"]
     single, double = fit_from_kernel(k.float(), y), fit_from_kernel(k.double(), y)
