@@ -1,0 +1,32 @@
+"""The benchmark scripts run end to end at small sizes, so that none of them has rotted when a quiet
+machine or the GPU machine is there to time them (the GPU script gets one prepared run)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str, timeout: int = 600) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_checkpoint_cost_runs_and_prints_its_table():
+    out = run_script("benchmarks/checkpoint_cost.py", "--quick")
+    assert "| 200 / 100 |" in out and "cold" in out and "warm" in out
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_on_the_cpu_at_smoke_sizes():
+    """Every part of the prepared GPU run, the checks against float64 and the trainer run with two
+    checkpoints (the second warm-started) included."""
+    out = run_script("benchmarks/gpu_check.py", "--smoke")
+    assert "The callback in a Trainer" in out and "| 1 |" in out, out[-2000:]
