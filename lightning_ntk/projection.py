@@ -133,15 +133,18 @@ class BlockHash:
         return self.row_sign[:, None] * self.col_sign
 
 
-def _fold_into(x: torch.Tensor, k: int, offset: int, out: torch.Tensor) -> None:
-    """Add coordinate ``p`` of ``x``'s last dimension to bucket ``(offset + p) mod k`` of ``out``."""
+def _fold_into(x: torch.Tensor, k: int, offset: int, out: torch.Tensor, chunked: bool = False) -> None:
+    """Add coordinate ``p`` of ``x``'s last dimension to bucket ``(offset + p) mod k`` of ``out``; the whole
+    ``k``-wide chunks one at a time if ``chunked`` (faster on a CPU, where they and ``out`` stay in
+    cache), else summed in one operation (on accelerators, where each operation costs a launch)."""
     n = x.shape[-1]
     head = min(n, k - offset)
     out[..., offset : offset + head] += x[..., :head]
     rest = x[..., head:]
     whole = (n - head) // k * k
-    if whole == k:
-        out += rest[..., :k]
+    if chunked:
+        for start in range(0, whole, k):
+            out += rest[..., start : start + k]
     elif whole:
         out += rest[..., :whole].unflatten(-1, (-1, k)).sum(-2)
     if n - head - whole:
@@ -153,9 +156,9 @@ def _columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(1, index).view(*x.shape[:-1], len(index))
 
 
-def _hash_row(g: torch.Tensor, h: BlockHash, k: int, out: torch.Tensor) -> None:
+def _hash_row(g: torch.Tensor, h: BlockHash, k: int, out: torch.Tensor, chunked: bool) -> None:
     """Add the count-sketch of gradients with one row, ``[..., cols]`` formed as they are, to ``out``."""
-    _fold_into(_columns(g, h.col_index).mul_(h.col_sign * h.row_sign), k, h.offset, out)
+    _fold_into(_columns(g, h.col_index).mul_(h.col_sign * h.row_sign), k, h.offset, out, chunked)
 
 
 def _signs_inputs(block, positions: int) -> bool:
@@ -220,7 +223,9 @@ class SketchProjector:
     Every class is sketched at once, so that the number of operations does not grow with the number
     of classes; the formed matrices (and FFT buffers) are built for ``piece_bytes`` worth of examples
     at a time (default: 2 MiB, a CPU cache, on the CPU; 256 MiB on other devices, whose operations
-    have a fixed cost per launch).
+    have a fixed cost per launch), and folded into the ``K`` buckets chunk by chunk if
+    ``chunked_fold`` (default: on the CPU) or in one operation. Each block adds into one running sum
+    per backward pass (:class:`SketchTotal`), so no ``K``-wide tensor per block outlives its sketch.
     """
 
     kind = "sketch"
@@ -232,12 +237,14 @@ class SketchProjector:
         fft_weight: float = 11.0,
         fold_weight: float = 16.0,
         piece_bytes: int | None = None,
+        chunked_fold: bool | None = None,
     ):
         self.projection_dim = check_projection_dim(projection_dim)
         self.seed = int(seed)
         self.fft_weight = float(fft_weight)
         self.fold_weight = float(fold_weight)
         self.piece_bytes = piece_bytes
+        self.chunked_fold = chunked_fold
         self._cache: dict[tuple, BlockHash] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
 
@@ -272,6 +279,9 @@ class SketchProjector:
         if buffer is None or buffer.numel() < numel:
             buffer = self._buffers[key] = like.new_empty(numel)
         return buffer[:numel].view(shape)
+
+    def _chunked(self, device: torch.device) -> bool:
+        return self.chunked_fold if self.chunked_fold is not None else device.type == "cpu"
 
     def _examples_per_piece(self, per_example: int, itemsize: int, device: torch.device) -> int:
         budget = self.piece_bytes if self.piece_bytes is not None else (1 << 21 if device.type == "cpu" else 1 << 28)
@@ -308,7 +318,7 @@ class SketchProjector:
         if not fft:
             return a
         sketches = a.new_zeros(*a.shape[:-1], self.projection_dim)
-        _fold_into(a, self.projection_dim, 0, sketches)
+        _fold_into(a, self.projection_dim, 0, sketches, self._chunked(a.device))
         return torch.fft.rfft(sketches)
 
     def sketch(self, position: int, block, inputs: torch.Tensor | None, grads: torch.Tensor, prepared: torch.Tensor | None = None,
@@ -326,13 +336,13 @@ class SketchProjector:
             prepared = self.prepare(position, block, inputs, dtype)
         k, out = self.projection_dim, into.folded
         if block.kind == "flat":
-            _hash_row(d, h, k, out)
+            _hash_row(d, h, k, out, self._chunked(d.device))
         elif block.kind == "embedding":
             self._embedding(block, h, prepared, d, out)
         elif block.kind == "scale":
             x = prepared.to(dtype)
             parts = [(d * x).sum(2) if p.endswith("weight") else d.sum(2) for p in block.params]
-            _hash_row(torch.cat(parts, dim=-1), h, k, out)
+            _hash_row(torch.cat(parts, dim=-1), h, k, out, self._chunked(d.device))
         elif prepared.is_complex():  # spectra: prepared for the FFT route
             self._outer_spectrum(block, h, prepared, d, into)
         else:
@@ -359,7 +369,7 @@ class SketchProjector:
                 m = torch.einsum("cbtgo,btgi->bcgoi", ds.unflatten(-1, (g, -1)), as_).reshape(b, classes, rows, block.cols)
             if not signed_inputs:
                 m.mul_(h.signs)
-            _fold_into(m.view(b, classes, rows * block.cols), k, h.offset, out[:, s : s + b].transpose(0, 1))
+            _fold_into(m.view(b, classes, rows * block.cols), k, h.offset, out[:, s : s + b].transpose(0, 1), self._chunked(d.device))
 
     def _outer_spectrum(self, block, h: BlockHash, a_hat: torch.Tensor, d: torch.Tensor, into: SketchTotal) -> None:
         """``d`` ``[C, B, T, rows]``: add ``Σ_t FFT(CS(d_t))·FFT(CS(ã_t))`` for all classes to ``into``'s spectrum."""

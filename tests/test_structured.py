@@ -104,13 +104,14 @@ def test_layer_gradients_match_brute_force(case):
 @pytest.mark.parametrize("route", ["fold", "fft"])
 @pytest.mark.parametrize("case", CASES)
 def test_sketch_equals_explicit_count_sketch(case, route):
-    """Both routes, from the recorded signals and inside the backward pass, whole or one example per piece."""
+    """Both routes, from the recorded signals and inside the backward pass, whole or one example per piece,
+    folded chunk by chunk (the CPU's way) or in one operation (the accelerators')."""
     model, inputs = make(case)
     gradients = LayerGradients(model)
     signals = gradients(inputs)
     for k in (7, 64):  # fewer buckets than a layer has columns, and more
-        for piece_bytes in (None, 1):
-            sketch = ln.SketchProjector(k, seed=3, fft_weight=0.0 if route == "fft" else float("inf"), piece_bytes=piece_bytes)
+        for piece_bytes, chunked in ((None, None), (1, True), (None, False)):
+            sketch = ln.SketchProjector(k, seed=3, fft_weight=0.0 if route == "fft" else float("inf"), piece_bytes=piece_bytes, chunked_fold=chunked)
             want = explicit_sketch(signals, sketch)
             torch.testing.assert_close(sketch.project(signals), want, rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(gradients.project(inputs, sketch), want, rtol=1e-9, atol=1e-12)
@@ -336,7 +337,7 @@ def test_operations_per_batch_do_not_grow_with_the_number_of_classes():
     for classes in (10, 100):
         model = resnet(classes).eval()
         gradients = LayerGradients(model, batch_classes=True)
-        projector = ln.SketchProjector(16, fft_weight=float("inf"), piece_bytes=1 << 28)
+        projector = ln.SketchProjector(16, fft_weight=float("inf"), piece_bytes=1 << 28, chunked_fold=False)
         features = gradients.project(x, projector)  # the first batch also checks the model's structure
         assert features.shape == (4, classes, 16) and not gradients.fallback_modules
         sketch_ops[classes] = operations(lambda: gradients.project(x, projector))
