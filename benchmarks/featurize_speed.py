@@ -30,13 +30,14 @@ backward pass per class) and as on a GPU (classes batched in one backward pass, 
 Two more measurements follow: the exact trNTK of 1,000 × 1,000 scikit-learn digits for a digits MLP,
 factored against the vmap path, and kernel row-block assembly against one ``torch.matmul``.
 
-Usage: ``python benchmarks/featurize_speed.py [--quick] [--threads N] [--models NAME,...]`` (``make bench``).
+Usage: ``python benchmarks/featurize_speed.py [--quick] [--threads N] [--batch N] [--models NAME,...]`` (``make bench``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import os
 import statistics
@@ -261,7 +262,7 @@ def operation_rows(setup: "Setup", batch: int, k: int) -> list[dict]:
         row["sketch"] = operations(lambda: featurizer.featurize_batch(x))
         if hasattr(featurizer.gradients, "batch_classes"):
             featurizer.gradients.batch_classes = True
-            featurizer.projector.piece_bytes = 1 << 28
+            featurizer.projector.piece_bytes, featurizer.projector.chunked_fold = 1 << 28, False
             row["batched"] = operations(lambda: featurizer.featurize_batch(x))
         rows.append(row)
     return rows
@@ -403,6 +404,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall time, or this process's CPU time (with --threads 1: robust to other work on a shared machine)")
     parser.add_argument("--models", default=None, help="comma-separated model names to run (default: all): spec_cnn, mlp, resnet18, transformer")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="examples per batch for every model (default: each model's own; the library featurizes 128 at a time)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -418,6 +421,8 @@ def main() -> None:
         "resnet18": Setup("ResNet-18 (32×32)", ResNet18, (3, 32, 32), 16, 8 if quick else 16, False),
         "transformer": Setup("Transformer 2×64, 16 positions", SmallTransformer, (16, 32), 32, 40, True),
     }
+    if args.batch:
+        setups = {name: dataclasses.replace(setup, batch=args.batch) for name, setup in setups.items()}
     chosen = args.models.split(",") if args.models else list(setups)
     unknown = set(chosen) - set(setups)
     if unknown:
