@@ -135,14 +135,15 @@ class BlockHash:
 
 def _fold_into(x: torch.Tensor, k: int, offset: int, out: torch.Tensor, chunked: bool = False) -> None:
     """Add coordinate ``p`` of ``x``'s last dimension to bucket ``(offset + p) mod k`` of ``out``; the whole
-    ``k``-wide chunks one at a time if ``chunked`` (faster on a CPU, where they and ``out`` stay in
-    cache), else summed in one operation (on accelerators, where each operation costs a launch)."""
+    ``k``-wide chunks one at a time if ``chunked`` and there are at most 16 (faster on a CPU, where they
+    and ``out`` stay in cache), else summed in one operation (on accelerators, where each operation
+    costs a launch, and for many chunks, where the operations would cost more than the memory)."""
     n = x.shape[-1]
     head = min(n, k - offset)
     out[..., offset : offset + head] += x[..., :head]
     rest = x[..., head:]
     whole = (n - head) // k * k
-    if chunked:
+    if chunked and whole <= 16 * k:
         for start in range(0, whole, k):
             out += rest[..., start : start + k]
     elif whole:
