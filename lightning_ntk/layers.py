@@ -123,13 +123,26 @@ def _attention_forward(attention: nn.MultiheadAttention, projection: _PackedProj
                        value: torch.Tensor, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
     """``nn.MultiheadAttention.forward`` with its in-projection and output projection run as modules on
     batch-first inputs, so that their hooks see them; the attention itself by
-    ``F.multi_head_attention_forward`` with identity projections (exact)."""
+    ``F.multi_head_attention_forward`` with identity projections (exact), or, for self-attention
+    without weights returned or masks other than padding (as ``nn.TransformerEncoderLayer`` calls it),
+    by ``F.scaled_dot_product_attention`` on the batch-first heads, which is what that function
+    computes then, without the identity products and the sequence-first copies."""
     if query.dim() != 3:
         raise ValueError("The structured path needs batched inputs of nn.MultiheadAttention ([B, T, E] or [T, B, E]).")
     one_input = query is key is value  # self-attention: one input, projected as one linear layer
     if not attention.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     tq, tk, e = query.shape[1], key.shape[1], attention.embed_dim
+    if one_input and not need_weights and attn_mask is None and not is_causal:
+        heads = attention.num_heads
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in projection(query).split(e, dim=-1))
+        mask = None
+        if key_padding_mask is not None:
+            mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask", other_type=None, other_name="", target_type=q.dtype)
+            mask = mask.view(query.shape[0], 1, 1, tk)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attention.dropout if attention.training else 0.0)
+        out = attention.out_proj(out.transpose(1, 2).flatten(2))
+        return (out if attention.batch_first else out.transpose(0, 1)), None
     if one_input:
         q, k, v = (t.transpose(0, 1) for t in projection(query).split(e, dim=-1))
     else:
