@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .jacobian import NonFiniteGradientError, ParamSelection, all_finite, PerExampleGradients, check_logits, eval_mode, parameter_fingerprint
+from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, parameter_fingerprint
 from .layers import CONV_TYPES, LayerGradients
 from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector
 from .registry import get_kernel, names, projected

@@ -46,11 +46,9 @@ def as_tensor(values: Any) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-def unit_rows(rows: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows scaled to unit norm (all-zero rows stay zero), so that ``U Uᵀ`` is the cosine kernel;
-    ``norms`` are the rows' norms when already known."""
-    norms = rows.norm(dim=1) if norms is None else norms.to(rows.dtype)
-    return rows / norms.clamp_min(torch.finfo(rows.dtype).tiny).unsqueeze(1)
+def unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm (all-zero rows stay zero), so that ``U Uᵀ`` is the cosine kernel."""
+    return rows / rows.norm(dim=1).clamp_min(torch.finfo(rows.dtype).tiny).unsqueeze(1)
 
 
 def _flat(features: Any, rows: slice = slice(None)) -> torch.Tensor:
@@ -61,6 +59,12 @@ def _flat(features: Any, rows: slice = slice(None)) -> torch.Tensor:
     return block.reshape(block.shape[0], -1)
 
 
+def _unit_flat(features: Any, normalize: bool) -> torch.Tensor:
+    """All rows of features as ``[N, C·K]``, scaled to unit norm for the cosine kernel."""
+    flat = _flat(features)
+    return unit_rows(flat) if normalize else flat
+
+
 def _check_features(features: Any, name: str) -> None:
     if features is None or len(features.shape) not in (2, 3):
         raise ValueError(f"{name} must be [N, K] or [N, C, K] features, got shape {getattr(features, 'shape', None)}.")
@@ -68,24 +72,16 @@ def _check_features(features: Any, name: str) -> None:
         raise ValueError(f"{name} holds no examples.")
 
 
-def feature_norms(features: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
-    """``sqrt(κ(x, x))`` for every row: the normaliser of the cosine kernel."""
-    return torch.cat(
-        [_flat(features, slice(s, s + block_size)).norm(dim=1) for s in range(0, features.shape[0], block_size)]
-    )
-
-
 def kernel_blocks(
     features_a: Any,
     features_b: Any = None,
     normalize: bool = True,
     block_size: int = DEFAULT_BLOCK_SIZE,
-    norms_b: torch.Tensor | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, κ(A[rows], B))`` blocks of ``block_size`` rows of A against all of B.
 
     Features may be tensors or numpy arrays (memmaps included); only one block of A is in memory at a
-    time. ``norms_b`` (see :func:`feature_norms`) can be passed to avoid recomputing B's norms.
+    time (B is read whole).
     """
     _check_features(features_a, "features_a")
     features_b = features_a if features_b is None else features_b
@@ -95,9 +91,7 @@ def kernel_blocks(
             f"Cannot take a kernel between features of shapes {tuple(features_a.shape[1:])} and "
             f"{tuple(features_b.shape[1:])} per example: both sides need the same kind, classes and projection_dim."
         )
-    b = _flat(features_b)
-    if normalize:
-        b = unit_rows(b, feature_norms(features_b, block_size) if norms_b is None else norms_b)
+    b = _unit_flat(features_b, normalize)
     for start in range(0, features_a.shape[0], block_size):
         rows = slice(start, min(start + block_size, features_a.shape[0]))
         a = _flat(features_a, rows).to(b.dtype)
@@ -119,9 +113,7 @@ def kernel_from_features(
     if features_b is not None:
         return torch.cat([block for _, block in kernel_blocks(features_a, features_b, normalize, block_size)])
     _check_features(features_a, "features_a")
-    flat = _flat(features_a)
-    if normalize:
-        flat = unit_rows(flat, feature_norms(features_a, block_size))
+    flat = _unit_flat(features_a, normalize)
     n = flat.shape[0]
     out = flat.new_empty(n, n)
     for start in range(0, n, block_size):

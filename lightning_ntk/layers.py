@@ -564,7 +564,8 @@ class LayerGradients:
                 mine = [(call, g) for call, g in zip(calls, grads) if call.block is blk]
                 xs = [_layer_inputs(blk, call.input.detach()) for call, _ in mine]
                 if blk.kind == "outer":  # an attention's in-projection may have run on one input and on three
-                    xs = [x.expand(-1, -1, max(x.shape[2] for x in xs), -1) for x in xs]
+                    groups = max(x.shape[2] for x in xs)
+                    xs = [x.expand(-1, -1, groups, -1) for x in xs]
                 ds = [_layer_grads(blk, g, x) for (_, g), x in zip(mine, xs)]
                 if not mine:  # the layer did not run: its gradient is zero
                     xs, ds = self._zero_signals(blk, logits, classes)

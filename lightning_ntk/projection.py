@@ -335,22 +335,22 @@ class SketchProjector:
             into = SketchTotal(d.new_zeros(*d.shape[:2], self.projection_dim))
         if prepared is None:
             prepared = self.prepare(position, block, inputs, dtype)
-        k, out = self.projection_dim, into.folded
+        k, out, chunked = self.projection_dim, into.folded, self._chunked(d.device)
         if block.kind == "flat":
-            _hash_row(d, h, k, out, self._chunked(d.device))
+            _hash_row(d, h, k, out, chunked)
         elif block.kind == "embedding":
             self._embedding(block, h, prepared, d, out)
         elif block.kind == "scale":
             x = prepared.to(dtype)
             parts = [(d * x).sum(2) if p.endswith("weight") else d.sum(2) for p in block.params]
-            _hash_row(torch.cat(parts, dim=-1), h, k, out, self._chunked(d.device))
+            _hash_row(torch.cat(parts, dim=-1), h, k, out, chunked)
         elif prepared.is_complex():  # spectra: prepared for the FFT route
             self._outer_spectrum(block, h, prepared, d, into)
         else:
-            self._outer_fold(block, h, prepared, d, out)
+            self._outer_fold(block, h, prepared, d, out, chunked)
         return into
 
-    def _outer_fold(self, block, h: BlockHash, a: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> None:
+    def _outer_fold(self, block, h: BlockHash, a: torch.Tensor, d: torch.Tensor, out: torch.Tensor, chunked: bool) -> None:
         """``d`` ``[C, B, T, rows]``: form ``Σ_t d_t ãᵀ_t`` for all classes, sign it, fold it into ``out``."""
         k, g, rows = self.projection_dim, a.shape[2], block.rows
         classes, n, t = d.shape[:3]
@@ -370,7 +370,7 @@ class SketchProjector:
                 m = torch.einsum("cbtgo,btgi->bcgoi", ds.unflatten(-1, (g, -1)), as_).reshape(b, classes, rows, block.cols)
             if not signed_inputs:
                 m.mul_(h.signs)
-            _fold_into(m.view(b, classes, rows * block.cols), k, h.offset, out[:, s : s + b].transpose(0, 1), self._chunked(d.device))
+            _fold_into(m.view(b, classes, rows * block.cols), k, h.offset, out[:, s : s + b].transpose(0, 1), chunked)
 
     def _outer_spectrum(self, block, h: BlockHash, a_hat: torch.Tensor, d: torch.Tensor, into: SketchTotal) -> None:
         """``d`` ``[C, B, T, rows]``: add ``Σ_t FFT(CS(d_t))·FFT(CS(ã_t))`` for all classes to ``into``'s spectrum."""
