@@ -306,21 +306,22 @@ class NTKAttributionCallback(L.Callback):
             names = [n for n, _ in pl_module.named_children()]
             raise ValueError(f"module={self.module!r} is not a submodule of {type(pl_module).__name__}; its children are {names}.") from err
 
-    def _gathered_features(self, trainer: L.Trainer, examples: ExampleSet) -> torch.Tensor:
-        """Features of a whole example set: each rank featurizes positions ``rank::world`` (padded by
-        repetition to equal length, as ``all_gather`` needs) and the shards are interleaved back."""
+    def _gathered_features(self, trainer: L.Trainer, examples: ExampleSet, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Features of a whole example set (and the network's logits on it, ``with_logits``): each rank
+        featurizes positions ``rank::world`` (padded by repetition to equal length, as ``all_gather``
+        needs) and the shards are interleaved back."""
         world, rank, n = trainer.world_size, trainer.global_rank, len(examples)
         positions = torch.arange(rank, n, world)
         per_rank = -(-n // world)
         filler = positions[-1:] if len(positions) else torch.zeros(1, dtype=torch.long)
         positions = torch.cat([positions, filler.repeat(per_rank - len(positions))])
         progress = f"NTK features ({examples.name})" if trainer.progress_bar_callback is not None and trainer.is_global_zero else False
-        local = self.pipeline.features(examples.loader(positions, self.subsets.batch_size), progress=progress)
-        if world == 1:
-            return local
-        gathered = trainer.strategy.all_gather(local.to(trainer.strategy.root_device)).cpu()
-        order = torch.arange(n)
-        return gathered[order % world, order // world]
+        local = self.pipeline.features(examples.loader(positions, self.subsets.batch_size), progress=progress, with_logits=with_logits)
+        parts = local if with_logits else (local,)
+        if world > 1:
+            order = torch.arange(n)
+            parts = tuple(trainer.strategy.all_gather(part.to(trainer.strategy.root_device)).cpu()[order % world, order // world] for part in parts)
+        return parts if with_logits else parts[0]
 
     def _load(self, name: str, request: dict[str, Any]) -> dict[str, Any] | None:
         if self.store_config.overwrite:
@@ -339,11 +340,11 @@ class NTKAttributionCallback(L.Callback):
             seconds = 0.0
             if not reused:
                 started = time.perf_counter()
-                reference, query = (self._gathered_features(trainer, examples) for examples in (self._reference, self._query))
+                reference = self._gathered_features(trainer, self._reference)
+                query, logits = self._gathered_features(trainer, self._query, with_logits=True)
                 seconds = time.perf_counter() - started
 
                 def save() -> None:
-                    logits = pipeline.logits(self._query.loader(batch_size=self.subsets.batch_size)).float()
                     features = CheckpointFeatures(reference, self._reference.labels, self._reference.indices, query, self._query.labels, self._query.indices, logits)
                     info = {"epoch": epoch, "step": trainer.global_step}
                     with _store_options_named():

@@ -585,12 +585,14 @@ class LayerGradients:
         width = blk.cols // len(blk.params)
         return [logits.new_zeros(b, 1, width)], [logits.new_zeros(classes, b, 1, width)]
 
-    def project(self, inputs: Any, projector, summed: bool = False) -> torch.Tensor:
+    def project(self, inputs: Any, projector, summed: bool = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``[B, C, K]`` (``C = 1`` when ``summed``): ``projector``'s sketch
         (:class:`~lightning_ntk.projection.SketchProjector`) of every example's per-class gradients, the
-        structured blocks' sketched inside the backward pass, the fallback's chunk by chunk."""
+        structured blocks' sketched inside the backward pass, the fallback's chunk by chunk. ``with_logits``:
+        also the logits ``[B, C]`` of the forward pass this takes (the model's eval-mode logits, detached),
+        so that nobody runs another."""
         self._check_structure(inputs)
-        n, features = batch_size_of(inputs), None
+        n, features, logits = batch_size_of(inputs), None, None
         if self.blocks:
             param = next(iter(self.params.values()))
             dtype = torch.promote_types(param.dtype, torch.float32)
@@ -636,7 +638,12 @@ class LayerGradients:
             ]
             flat = torch.cat(parts) if len(parts) > 1 else parts[0]
             features = flat if features is None else features + flat.to(features.dtype)
-        return features
+        if not with_logits:
+            return features
+        if logits is None:  # every module fell back: no forward pass ran here
+            with torch.no_grad(), eval_mode(self.model):
+                logits = check_logits(self.task.forward(self.model, inputs), n)
+        return features, logits.detach()
 
     def _forward(self, inputs: Any, output_of: Callable[[_Call, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, list[_Call]]:
         """Run the model with a hook on every block that records each call and replaces the call's

@@ -297,16 +297,21 @@ class FidelityPipeline:
         selected = select_parameters(self.model, None if not self.kernel.from_gradients else self.params)
         return FeatureSpec(self.kernel.family, None, None, None, sum(p.numel() for p in selected.values()), parameter_fingerprint(selected))
 
-    def features(self, data: Any, progress: bool | str = False) -> torch.Tensor:
+    def features(self, data: Any, progress: bool | str = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Kernel features of ``data`` (model inputs, or an iterable of batches), on the CPU in the
-        storage precision: the kernel is their (normalised) inner product."""
+        storage precision: the kernel is their (normalised) inner product. ``with_logits``: and the
+        network's logits on ``data`` (float32), from the featurization's own forward passes where it has them."""
+        logits = None
         if self.featurizer is not None:
-            out = self.featurizer(data, batch_size=self.batch_size, progress=progress)
+            out = self.featurizer(data, batch_size=self.batch_size, progress=progress, with_logits=with_logits)
+            out, logits = out if with_logits else (out, None)
         elif self.kernel.from_gradients:
             out = gradient_features(self.model, data, self.kernel.name, params=self.params, task=self.task, batch_size=self.batch_size)
         else:
             out = embedding_features(self.model, data, self.kernel.name, self.layers, task=self.task, batch_size=self.batch_size)
-        return out.to(self.storage_dtype)
+        if not with_logits:
+            return out.to(self.storage_dtype)
+        return out.to(self.storage_dtype), (logits if logits is not None else self.logits(data)).float()
 
     def logits(self, data: Any) -> torch.Tensor:
         """The network's logits on ``data`` in eval mode, refused unless ``[B, C]``."""
@@ -331,11 +336,9 @@ class FidelityPipeline:
 
     def featurize(self, reference: ExampleSet, query: ExampleSet) -> CheckpointFeatures:
         """Both sides' features and the network's query logits, in one process."""
-        return CheckpointFeatures(
-            self.features(reference.loader(batch_size=self.batch_size)), reference.labels, reference.indices,
-            self.features(query.loader(batch_size=self.batch_size)), query.labels, query.indices,
-            self.logits(query.loader(batch_size=self.batch_size)).float(),
-        )
+        reference_features = self.features(reference.loader(batch_size=self.batch_size))
+        query_features, query_logits = self.features(query.loader(batch_size=self.batch_size), with_logits=True)
+        return CheckpointFeatures(reference_features, reference.labels, reference.indices, query_features, query.labels, query.indices, query_logits)
 
     # -- store -------------------------------------------------------------------------------------
     def request(self, spec: FeatureSpec, reference: ExampleSet, query: ExampleSet) -> dict[str, Any]:

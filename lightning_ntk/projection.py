@@ -133,23 +133,33 @@ class BlockHash:
         return self.row_sign[:, None] * self.col_sign
 
 
-def _fold_into(x: torch.Tensor, k: int, offset: int, out: torch.Tensor, chunked: bool = False) -> None:
-    """Add coordinate ``p`` of ``x``'s last dimension to bucket ``(offset + p) mod k`` of ``out``; the whole
-    ``k``-wide chunks one at a time if ``chunked`` and there are at most 16 (faster on a CPU, where they
-    and ``out`` stay in cache), else summed in one operation (on accelerators, where each operation
-    costs a launch, and for many chunks, where the operations would cost more than the memory)."""
+def _fold_into(x: torch.Tensor, k: int, offset: int, out: torch.Tensor, chunked: bool = False, signs: torch.Tensor | None = None) -> None:
+    """Add coordinate ``p`` of ``x``'s last dimension, times ``signs[p]`` if given, to bucket ``(offset + p) mod k``
+    of ``out``; the whole ``k``-wide chunks one at a time if ``chunked`` and there are at most 16 (faster on a
+    CPU, where they and ``out`` stay in cache, and the signs are applied as they are added), else summed in
+    one operation (on accelerators, where each operation costs a launch, and for many chunks, where the
+    operations would cost more than the memory)."""
     n = x.shape[-1]
     head = min(n, k - offset)
-    out[..., offset : offset + head] += x[..., :head]
-    rest = x[..., head:]
     whole = (n - head) // k * k
-    if chunked and whole <= 16 * k:
-        for start in range(0, whole, k):
-            out += rest[..., start : start + k]
+    chunked = chunked and whole <= 16 * k
+    if signs is not None and not chunked:  # signed in place: the callers' x are their own buffers
+        x, signs = x.mul_(signs), None
+
+    def add(into: torch.Tensor, start: int, stop: int) -> None:
+        if signs is None:
+            into += x[..., start:stop]
+        else:
+            into.addcmul_(x[..., start:stop], signs[start:stop])
+
+    add(out[..., offset : offset + head], 0, head)
+    if chunked:
+        for start in range(head, head + whole, k):
+            add(out, start, start + k)
     elif whole:
-        out += rest[..., :whole].unflatten(-1, (-1, k)).sum(-2)
+        out += x[..., head : head + whole].unflatten(-1, (-1, k)).sum(-2)
     if n - head - whole:
-        out[..., : n - head - whole] += rest[..., whole:]
+        add(out[..., : n - head - whole], head + whole, n)
 
 
 def _columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -368,9 +378,8 @@ class SketchProjector:
             else:
                 ds = ds * h.row_sign if signed_inputs else ds
                 m = torch.einsum("cbtgo,btgi->bcgoi", ds.unflatten(-1, (g, -1)), as_).reshape(b, classes, rows, block.cols)
-            if not signed_inputs:
-                m.mul_(h.signs)
-            _fold_into(m.view(b, classes, rows * block.cols), k, h.offset, out[:, s : s + b].transpose(0, 1), chunked)
+            signs = None if signed_inputs else h.signs.view(-1)
+            _fold_into(m.view(b, classes, rows * block.cols), k, h.offset, out[:, s : s + b].transpose(0, 1), chunked, signs)
 
     def _outer_spectrum(self, block, h: BlockHash, a_hat: torch.Tensor, d: torch.Tensor, into: SketchTotal) -> None:
         """``d`` ``[C, B, T, rows]``: add ``Σ_t FFT(CS(d_t))·FFT(CS(ã_t))`` for all classes to ``into``'s spectrum."""

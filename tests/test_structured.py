@@ -9,7 +9,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_ntk as ln
+from lightning_ntk import featurize
 from lightning_ntk.layers import LayerGradients
+from lightning_ntk.pipeline import example_set
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
@@ -456,3 +458,52 @@ def test_fallback_stays_within_the_memory_budget(batch):
     whole = ln.Featurizer(model, projection_dim=64, projector="sketch", memory_budget=1 << 30).featurize_batch(x)
     torch.testing.assert_close(features, whole, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(features, explicit_sketch(LayerGradients(model)(x), ln.SketchProjector(64)), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(featurize._glibc() is None, reason="the heap is tuned under glibc only")
+def test_featurization_keeps_freed_memory_in_the_process():
+    """While features stream, memory freed at the top of the heap stays in the process: glibc would hand
+    blocks freed at the top back to the system and fault them in again at the next batch."""
+    import resource
+
+    def faults_of_refilling(megabytes: int = 20, blocks: int = 5) -> int:
+        """The fewest page faults of five rounds of filling and freeing 100 MB in blocks below the mmap threshold."""
+        faults = []
+        for _ in range(5):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            tensors = [torch.ones(megabytes << 18) for _ in range(blocks)]
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            del tensors
+        return min(faults)
+
+    seen = []
+    model = mlp()
+    features = featurize.stream_features(model, torch.randn(6, 4), lambda x: seen.append(featurize._retaining[0]) or x)
+    assert seen == [True] and features.shape == (6, 4) and not featurize._retaining[0]
+    with featurize.retained_heap(torch.device("cpu")):
+        assert faults_of_refilling() < 1000  # 100 MB are 25,600 pages
+
+
+@pytest.mark.parametrize("projector", ["sketch", "rademacher"])
+def test_features_come_with_the_logits_of_their_own_forward_pass(projector):
+    """The query side's logits come with its features: the sketch takes them from the forward pass it
+    runs anyway, so that a checkpoint runs one forward pass per batch and side, not two for the query."""
+    model, x = SmallCNN().double(), torch.randn(10, 2, 8, 8, dtype=torch.float64)
+    featurizer = ln.Featurizer(model, projection_dim=16, projector=projector)
+    features, logits = featurizer(x, batch_size=4, with_logits=True)
+    torch.testing.assert_close(features, featurizer(x, batch_size=4), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model.eval()(x), rtol=1e-12, atol=1e-12)
+
+    pipeline = ln.FidelityPipeline(model, projection={"dim": 16, "projector": projector}, batch_size=4)
+    reference, query = (example_set(name, (x, torch.arange(10) % 3)) for name in ("reference", "query"))
+    for examples in (reference, query):
+        examples.scan(pipeline.task)
+    pipeline.featurize(reference, query)  # the first batch checks the model's structure
+    forward_passes = []
+    handle = model.register_forward_hook(lambda *args: forward_passes.append(1))
+    checkpoint = pipeline.featurize(reference, query)
+    handle.remove()
+    # 3 batches a side; the dense projections' vmapped passes have no logits to give, so the query's run again
+    assert len(forward_passes) == (3 + 3 if projector == "sketch" else 3 + 3 + 3)
+    torch.testing.assert_close(checkpoint.query_logits, pipeline.logits(x).float())
