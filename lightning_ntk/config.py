@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .projection import PROJECTOR_KINDS, check_projection_dim
+from .projection import PRODUCT_PRECISIONS, PROJECTOR_KINDS, check_projection_dim
 from .surrogate import FORMULATIONS
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -56,17 +56,21 @@ class ProjectionConfig(_Options):
 
     ``projector="sketch"`` is the structured count-sketch applied to layer signals (fast, memory of a
     few activations); ``"rademacher"``/``"gaussian"`` the paper's dense projections of materialised
-    gradients (the reference for kernel quality, far slower).
+    gradients (the reference for kernel quality, far slower). ``product_precision``: that of the
+    sketch's per-example matrix products (see :class:`~lightning_ntk.projection.SketchProjector`).
     """
 
     dim: int = 1024
     projector: str = "sketch"
     seed: int = 0
+    product_precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_projection_dim(self.dim)
         if self.projector not in PROJECTOR_KINDS:
             raise ValueError(f"Unknown projector {self.projector!r}; choose one of {PROJECTOR_KINDS}.")
+        if self.product_precision not in PRODUCT_PRECISIONS:
+            raise ValueError(f"Unknown product_precision {self.product_precision!r}; choose one of {PRODUCT_PRECISIONS}.")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class FeatureSpec:
     seed: int | None
     num_parameters: int
     parameters: str  # fingerprint of the selected parameters' names, shapes and values
+    product_precision: str | None = None  # the sketch's products: "bfloat16" (the large ones) or "float32"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +156,7 @@ class Featurizer:
     projected in chunks of examples; the dense projection matrix ``R`` (``K·P`` floats) is kept between
     batches when it fits too. ``chunk_size`` fixes the examples per chunk instead.
 
+    ``product_precision`` is the sketch's (see :class:`~lightning_ntk.projection.SketchProjector`).
     ``dtype`` stores the features in another precision (``torch.float16``/``torch.bfloat16`` halve
     their memory; kernels still accumulate in float32).
     """
@@ -171,6 +173,7 @@ class Featurizer:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         chunk_size: int | None = None,
         dtype: torch.dtype | None = None,
+        product_precision: str = "auto",
     ):
         self.kernel = projected(kind)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -179,7 +182,7 @@ class Featurizer:
         self.task = task or Task()
         if projector == "sketch":
             self.gradients = LayerGradients(model, params, self.task, memory_budget)
-            self.projector = SketchProjector(projection_dim, seed)
+            self.projector = SketchProjector(projection_dim, seed, product_precision=product_precision)
         else:
             self.gradients = PerExampleGradients(model, params, self.task, chunk_size, memory_budget)
             self.projector = RandomProjector(self.gradients.num_parameters, projection_dim, projector, seed, memory_budget)
@@ -192,6 +195,8 @@ class Featurizer:
         return self.kernel.summed
 
     def spec(self) -> FeatureSpec:
+        device, dtype = _model_device_dtype(self.model)
+        bfloat16 = isinstance(self.projector, SketchProjector) and self.projector.bfloat16_products(dtype, device)
         return FeatureSpec(
             kind=self.kernel.family,
             projection_dim=self.projector.projection_dim,
@@ -199,6 +204,7 @@ class Featurizer:
             seed=self.projector.seed,
             num_parameters=self.gradients.num_parameters,
             parameters=parameter_fingerprint(self.gradients.params),
+            product_precision="bfloat16" if bfloat16 else None,
         )
 
     def featurize_batch(self, inputs: Any, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -285,7 +285,8 @@ class FidelityPipeline:
         self.featurizer = None
         if self.kernel.projected:
             p = self.projection
-            self.featurizer = Featurizer(model, self.kernel.name, p.dim, p.projector, p.seed, params, self.task, memory_budget)
+            self.featurizer = Featurizer(model, self.kernel.name, p.dim, p.projector, p.seed, params, self.task, memory_budget,
+                                         product_precision=p.product_precision)
         param = next(model.parameters(), None)
         self.storage_dtype = storage_dtype or (torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32)
 

@@ -6,6 +6,7 @@ import torch
 from models import DictModel, SmallCNN, dict_inputs, mlp
 from conftest import brute_force_gradients, explicit_sketch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_ntk as ln
@@ -507,3 +508,61 @@ def test_features_come_with_the_logits_of_their_own_forward_pass(projector):
     # 3 batches a side; the dense projections' vmapped passes have no logits to give, so the query's run again
     assert len(forward_passes) == (3 + 3 if projector == "sketch" else 3 + 3 + 3)
     torch.testing.assert_close(checkpoint.query_logits, pipeline.logits(x).float())
+
+
+class WideCNN(nn.Module):
+    """A convolution whose per-example products are large on all three sides (32 outputs, 73 columns,
+    64 positions), then a small linear head."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(8, 32, 3, padding=1)
+        self.head = nn.Linear(32 * 4 * 4, classes)
+
+    def forward(self, x):
+        return self.head(F.max_pool2d(torch.relu(self.conv(x)), 2).flatten(1))
+
+
+def test_bfloat16_products_move_features_by_their_rounding_only():
+    """Products in bfloat16 (float32 sums) against the same sketch in float64: features move by about
+    0.1%, and the kernel's error against the exact kernel stays that of the sketch (to 3 digits)."""
+    model, x = WideCNN(), torch.randn(24, 8, 8, 8)
+    signals = LayerGradients(model.double())(x.double())
+    exact = ln.kernel_from_features(torch.cat([sig.matrix().flatten(2) for sig in signals], -1))  # from the formed gradients
+    model.float()
+    errors = {}
+    for precision in ("float32", "bfloat16"):
+        sketches = []
+        for seed in range(4):
+            projector = ln.SketchProjector(256, seed, product_precision=precision)
+            features = LayerGradients(model).project(x, projector)
+            want = explicit_sketch(signals, projector)
+            moved = float((features.double() - want).norm() / want.norm())
+            assert (moved < 1e-6) if precision == "float32" else (1e-4 < moved < 3e-3), (precision, moved)  # 8e-4 seen
+            sketches.append((ln.kernel_from_features(features.double()) - exact).abs().mean())
+        errors[precision] = float(torch.stack(sketches).mean())
+    assert abs(errors["bfloat16"] - errors["float32"]) < 1e-3 * errors["float32"], errors  # 6e-6 seen
+
+
+def test_bfloat16_products_only_where_they_pay(monkeypatch):
+    """"auto": bfloat16 for float32 signals on CPUs with matrix units, for products large on all sides;
+    the features' spec says so, so that stored features of the other precision are not reused."""
+    from lightning_ntk import projection
+    from lightning_ntk.layers import Block
+
+    conv, thin = Block("conv", "outer", ("w",), 32, 73), Block("head", "outer", ("w",), 4, 513)
+    cpu = torch.device("cpu")
+    for units in (True, False):
+        monkeypatch.setattr(projection, "has_bfloat16_matrix_units", lambda: units)
+        auto = ln.SketchProjector(64)
+        assert auto.product_dtype(conv, 64, torch.float32, cpu) == (torch.bfloat16 if units else torch.float32)
+        assert auto.product_dtype(conv, 16, torch.float32, cpu) == torch.float32  # few positions
+        assert auto.product_dtype(thin, 64, torch.float32, cpu) == torch.float32  # few rows
+        assert auto.product_dtype(conv, 64, torch.float64, cpu) == torch.float64
+        assert ln.SketchProjector(64, product_precision="float32").product_dtype(conv, 64, torch.float32, cpu) == torch.float32
+        featurizer = ln.Featurizer(WideCNN(), projection_dim=64, projector="sketch")
+        assert featurizer.spec().product_precision == ("bfloat16" if units else None)
+    assert ln.SketchProjector(64, product_precision="bfloat16").product_dtype(thin, 1, torch.float32, cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="product_precision"):
+        ln.ProjectionConfig(product_precision="half")
