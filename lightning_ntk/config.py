@@ -57,7 +57,8 @@ class ProjectionConfig(_Options):
     ``projector="sketch"`` is the structured count-sketch applied to layer signals (fast, memory of a
     few activations); ``"rademacher"``/``"gaussian"`` the paper's dense projections of materialised
     gradients (the reference for kernel quality, far slower). ``product_precision``: that of the
-    sketch's per-example matrix products (see :class:`~lightning_ntk.projection.SketchProjector`).
+    sketch's per-example matrix products (see :class:`~lightning_ntk.projection.SketchProjector`) and of
+    the projected kernels' products (see :func:`~lightning_ntk.kernels.kernel_blocks`).
     """
 
     dim: int = 1024

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, parameter_fingerprint
 from .layers import CONV_TYPES, LayerGradients
-from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector
+from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector, bfloat16_products
 from .registry import get_kernel, names, projected
 from .task import Task, batch_size_of, is_raw_inputs, iter_batches, move_inputs, slice_inputs
 
@@ -196,7 +196,7 @@ class Featurizer:
 
     def spec(self) -> FeatureSpec:
         device, dtype = _model_device_dtype(self.model)
-        bfloat16 = isinstance(self.projector, SketchProjector) and self.projector.bfloat16_products(dtype, device)
+        bfloat16 = isinstance(self.projector, SketchProjector) and bfloat16_products(self.projector.product_precision, dtype, device)
         return FeatureSpec(
             kind=self.kernel.family,
             projection_dim=self.projector.projection_dim,

@@ -290,6 +290,12 @@ class FidelityPipeline:
         param = next(model.parameters(), None)
         self.storage_dtype = storage_dtype or (torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32)
 
+    @property
+    def product_precision(self) -> str:
+        """That of the kernels' products: the projection's for projected kernels, whose features carry the
+        projection's error anyway; float32 for exact ones."""
+        return self.projection.product_precision if self.kernel.projected else "float32"
+
     # -- featurize ---------------------------------------------------------------------------------
     def spec(self) -> FeatureSpec:
         """What features computed now describe: the kernel, the projection and the network's state."""
@@ -368,13 +374,15 @@ class FidelityPipeline:
         if init is not None and self.surrogate.warm_start:
             options["init"] = init
         if len(reference) ** 2 * 4 <= self.memory_budget:
-            return fit_from_kernel(kernel_from_features(reference, normalize=self.kernel.normalized), labels, **options)
+            kernel = kernel_from_features(reference, normalize=self.kernel.normalized, product_precision=self.product_precision)
+            return fit_from_kernel(kernel, labels, **options)
         return fit_from_features(reference, labels, normalize=self.kernel.normalized, spec=self.spec(), **options)
 
     def score(self, surrogate: KernelSurrogate, features: CheckpointFeatures) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
         """Fidelity of the surrogate on the query set: the figures, the query kernel rows and the
         surrogate's logits."""
-        rows = kernel_from_features(features.query_features, features.reference_features, normalize=self.kernel.normalized)
+        rows = kernel_from_features(features.query_features, features.reference_features, normalize=self.kernel.normalized,
+                                    product_precision=self.product_precision)
         surrogate_logits = surrogate.predict(rows)
         metric = SurrogateFidelity(sync_on_compute=False)  # one process holds the whole query set
         metric.update(features.query_logits, surrogate_logits, features.query_labels)
@@ -462,7 +470,8 @@ class FidelityPipeline:
                     "computed with. Attribute right after the checkpoint (e.g. after trainer.fit with at_fit_end=True)."
                 )
             features = self.features(differentiable(inputs))
-        rows = kernel_from_features(features, checkpoint.features.reference_features, normalize=self.kernel.normalized)
+        rows = kernel_from_features(features, checkpoint.features.reference_features, normalize=self.kernel.normalized,
+                                    product_precision=self.product_precision)
         result = attribute(checkpoint.surrogate, query_kernel=rows, top_k=top_k, target=target)
         indices = checkpoint.features.reference_indices
         return dataclasses.replace(result, **{f"{kind}_indices": indices[getattr(result, f"{kind}_indices")] for kind in ("proponent", "opponent", "similar")})

@@ -212,6 +212,16 @@ def has_bfloat16_matrix_units() -> bool:
         return False
 
 
+def bfloat16_products(precision: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether large float32 matrix products on ``device`` take their inputs in bfloat16, with float32
+    sums, under ``precision`` (``"auto"``: where the CPU multiplies bfloat16 in hardware)."""
+    if precision not in PRODUCT_PRECISIONS:
+        raise ValueError(f"Unknown product_precision {precision!r}; choose one of {PRODUCT_PRECISIONS}.")
+    if precision == "float32" or dtype != torch.float32:
+        return False
+    return precision == "bfloat16" or (device.type == "cpu" and has_bfloat16_matrix_units())
+
+
 def hash_positions(blocks: list) -> list[int]:
     """The position in the layout whose hash each block uses: its own, or that of the first block holding
     the same parameters (the uses of a weight tied between modules), so that their sketches add up to
@@ -269,8 +279,7 @@ class SketchProjector:
         chunked_fold: bool | None = None,
         product_precision: str = "auto",
     ):
-        if product_precision not in PRODUCT_PRECISIONS:
-            raise ValueError(f"Unknown product_precision {product_precision!r}; choose one of {PRODUCT_PRECISIONS}.")
+        bfloat16_products(product_precision, torch.float64, torch.device("cpu"))  # refuses an unknown one
         self.projection_dim = check_projection_dim(projection_dim)
         self.seed = int(seed)
         self.fft_weight = float(fft_weight)
@@ -313,15 +322,9 @@ class SketchProjector:
             buffer = self._buffers[key] = like.new_empty(numel)
         return buffer[:numel].view(shape)
 
-    def bfloat16_products(self, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether the fold route's large products of ``dtype`` signals on ``device`` run in bfloat16."""
-        if self.product_precision == "float32" or dtype != torch.float32:
-            return False
-        return self.product_precision == "bfloat16" or (device.type == "cpu" and has_bfloat16_matrix_units())
-
     def product_dtype(self, block, positions: int, dtype: torch.dtype, device: torch.device) -> torch.dtype:
         """The precision of a fold-route block's matrix products, for signals of ``dtype``."""
-        if not self.bfloat16_products(dtype, device):
+        if not bfloat16_products(self.product_precision, dtype, device):
             return dtype
         large = min(block.rows // block.groups, block.cols, positions) >= 32
         return torch.bfloat16 if large or self.product_precision == "bfloat16" else dtype

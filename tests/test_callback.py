@@ -49,7 +49,8 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
     with torch.no_grad():
         network_logits = model(x_query)
     torch.testing.assert_close(stored["query_logits"], network_logits)
-    query_rows = ln.kernel_from_features(stored["query_features"], stored["reference_features"])
+    # the callback's default projection multiplies its kernels as product_precision="auto" says
+    query_rows = ln.kernel_from_features(stored["query_features"], stored["reference_features"], product_precision="auto")
     surrogate_logits = callback.surrogate.predict(query_rows)
     network_acc = (network_logits.argmax(1) == y_query).double().mean().item()
     surrogate_acc = (surrogate_logits.argmax(1) == y_query).double().mean().item()
@@ -195,7 +196,8 @@ def test_single_logit_binary_network(tmp_path, wandb_dir):
     assert callback.surrogate.weight.shape == (1, 60)
     stored = stored_checkpoint(wandb_dir, 1)
     p_net = torch.sigmoid(stored["query_logits"][:, 0].double())
-    p_sur = torch.sigmoid(callback.surrogate.predict(ln.kernel_from_features(stored["query_features"], stored["reference_features"]))[:, 0].double())
+    rows = ln.kernel_from_features(stored["query_features"], stored["reference_features"], product_precision="auto")  # as the callback does
+    p_sur = torch.sigmoid(callback.surrogate.predict(rows)[:, 0].double())
     keep = (p_net > 0) & (p_net < 1)
     assert row.kendall_tau == pytest.approx(scipy.stats.kendalltau(p_net[keep], p_sur[keep]).statistic, abs=1e-9)
     assert row.network_acc == pytest.approx(((p_net > 0.5).long() == stored["query_labels"]).double().mean().item())

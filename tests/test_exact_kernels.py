@@ -94,3 +94,26 @@ def test_kernel_blocks_cover_the_full_kernel():
     torch.testing.assert_close(ln.kernel_from_features(g.numpy(), f.numpy(), block_size=2), full)
     unnorm = ln.kernel_from_features(g, f, normalize=False)
     torch.testing.assert_close(unnorm, g.flatten(1) @ f.flatten(1).T)
+
+
+def test_kernel_products_in_bfloat16_stay_a_faithful_gram_matrix():
+    """With bfloat16 inputs and float32 sums (where the CPU has the units for them), the kernel is the Gram
+    matrix of the rounded features: symmetric, positive semi-definite, within 1e-3 of float32's; the
+    library's matmul setting is back as it was afterwards, and float32 (the default) is float32."""
+    from lightning_ntk.projection import has_bfloat16_matrix_units
+
+    torch.manual_seed(0)
+    features = torch.randn(300, 10, 64) + torch.randn(10, 64)  # correlated rows, like a network's
+    before = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+    exact = ln.kernel_from_features(features.double())
+    fast = ln.kernel_from_features(features, product_precision="bfloat16")
+    rows = ln.kernel_from_features(features[:50], features, product_precision="bfloat16")
+    assert getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None) == before
+    torch.testing.assert_close(fast, fast.T, rtol=0, atol=0)
+    torch.testing.assert_close(rows, fast[:50], rtol=0, atol=1e-6)
+    assert (fast.double() - exact).abs().max() < 1e-3
+    assert torch.linalg.eigvalsh(fast.double()).min() > -1e-5
+    plain = ln.kernel_from_features(features)
+    assert (plain.double() - exact).abs().max() < 1e-5
+    if has_bfloat16_matrix_units() and before is not None:
+        assert (fast - plain).abs().max() > 1e-5  # the rounding shows: the products did run in bfloat16
