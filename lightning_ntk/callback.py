@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from . import dashboards
 from .attribution import Attribution, attribute
 from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig
+from .featurize import retained_heap
 from .metrics import predictions
 from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, describe_params, example_set
 from .projection import DEFAULT_MEMORY_BUDGET
@@ -340,8 +341,9 @@ class NTKAttributionCallback(L.Callback):
             seconds = 0.0
             if not reused:
                 started = time.perf_counter()
-                reference = self._gathered_features(trainer, self._reference)
-                query, logits = self._gathered_features(trainer, self._query, with_logits=True)
+                with retained_heap(pl_module.device):  # one heap for both sides
+                    reference = self._gathered_features(trainer, self._reference)
+                    query, logits = self._gathered_features(trainer, self._query, with_logits=True)
                 seconds = time.perf_counter() - started
 
                 def save() -> None:

@@ -42,7 +42,7 @@ class FeatureSpec:
         return asdict(self)
 
 
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters(), None)
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.get_default_dtype())
 
@@ -102,7 +102,7 @@ def stream_batches(
     model's device. ``data`` is a tensor/dict of inputs or an iterable of batches."""
     task = task or Task()
     raw = is_raw_inputs(data)
-    device, dtype = _model_device_dtype(model)
+    device, dtype = model_device_dtype(model)
     batches = iter_batches(data, batch_size)
     if progress:
         total = None
@@ -195,7 +195,7 @@ class Featurizer:
         return self.kernel.summed
 
     def spec(self) -> FeatureSpec:
-        device, dtype = _model_device_dtype(self.model)
+        device, dtype = model_device_dtype(self.model)
         bfloat16 = isinstance(self.projector, SketchProjector) and bfloat16_products(self.projector.product_precision, dtype, device)
         return FeatureSpec(
             kind=self.kernel.family,

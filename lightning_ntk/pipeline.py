@@ -30,7 +30,7 @@ from torch.utils.data.dataloader import default_collate
 from . import __version__
 from .attribution import Attribution, attribute
 from .config import ProjectionConfig, SurrogateConfig
-from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, stream_features
+from .featurize import FeatureSpec, Featurizer, model_device_dtype, embedding_features, gradient_features, retained_heap, stream_features
 from .jacobian import check_logits, eval_mode, parameter_fingerprint, select_parameters
 from .kernels import as_tensor, kernel_from_features
 from .metrics import SurrogateFidelity, check_label_range, fidelity_scores
@@ -343,8 +343,9 @@ class FidelityPipeline:
 
     def featurize(self, reference: ExampleSet, query: ExampleSet) -> CheckpointFeatures:
         """Both sides' features and the network's query logits, in one process."""
-        reference_features = self.features(reference.loader(batch_size=self.batch_size))
-        query_features, query_logits = self.features(query.loader(batch_size=self.batch_size), with_logits=True)
+        with retained_heap(model_device_dtype(self.model)[0]):  # one heap for both sides
+            reference_features = self.features(reference.loader(batch_size=self.batch_size))
+            query_features, query_logits = self.features(query.loader(batch_size=self.batch_size), with_logits=True)
         return CheckpointFeatures(reference_features, reference.labels, reference.indices, query_features, query.labels, query.indices, query_logits)
 
     # -- store -------------------------------------------------------------------------------------
