@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .projection import PRODUCT_PRECISIONS, PROJECTOR_KINDS, check_projection_dim
+from .projection import PROJECTOR_KINDS, check_product_precision, check_projection_dim
 from .surrogate import FORMULATIONS
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -70,8 +70,7 @@ class ProjectionConfig(_Options):
         check_projection_dim(self.dim)
         if self.projector not in PROJECTOR_KINDS:
             raise ValueError(f"Unknown projector {self.projector!r}; choose one of {PROJECTOR_KINDS}.")
-        if self.product_precision not in PRODUCT_PRECISIONS:
-            raise ValueError(f"Unknown product_precision {self.product_precision!r}; choose one of {PRODUCT_PRECISIONS}.")
+        check_product_precision(self.product_precision)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ class FeatureSpec:
     seed: int | None
     num_parameters: int
     parameters: str  # fingerprint of the selected parameters' names, shapes and values
-    product_precision: str | None = None  # the sketch's products: "bfloat16" (the large ones) or "float32"
+    product_precision: str | None = None  # "bfloat16": the sketch's large products were; None: as the signals
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,10 +71,10 @@ def retained_heap(device: torch.device) -> Iterator[None]:
 
     glibc hands freed blocks of a few MB back to the operating system whenever the top of its heap
     holds more than its trim threshold, so every batch's C backward passes may fault the same pages in
-    again (seen: 50,000–90,000 page faults and 10–20% of the time for 1,500 digits, in some processes
-    and not others). Meanwhile nothing is handed back; afterwards the free memory is (``malloc_trim``),
-    and the thresholds stay where glibc's adaptive rule itself ends (mmap above 32 MiB, trim above
-    64 MiB), since glibc cannot be told to adapt again."""
+    again (seen: 30,000–130,000 page faults and 10–20% of the time for 1,500 digits, in some processes
+    and not others). Meanwhile nothing is handed back; afterwards the free memory is handed back
+    (``malloc_trim``), and the thresholds stay where glibc's adaptive rule itself ends (mmap above
+    32 MiB, trim above 64 MiB), since glibc cannot be told to adapt again."""
     libc = _glibc() if device.type == "cpu" else None
     if libc is None or _retaining[0]:
         yield

@@ -30,7 +30,7 @@ from torch.utils.data.dataloader import default_collate
 from . import __version__
 from .attribution import Attribution, attribute
 from .config import ProjectionConfig, SurrogateConfig
-from .featurize import FeatureSpec, Featurizer, model_device_dtype, embedding_features, gradient_features, retained_heap, stream_features
+from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, model_device_dtype, retained_heap, stream_features
 from .jacobian import check_logits, eval_mode, parameter_fingerprint, select_parameters
 from .kernels import as_tensor, kernel_from_features
 from .metrics import SurrogateFidelity, check_label_range, fidelity_scores

@@ -212,12 +212,16 @@ def has_bfloat16_matrix_units() -> bool:
         return False
 
 
+def check_product_precision(precision: str) -> str:
+    if precision not in PRODUCT_PRECISIONS:
+        raise ValueError(f"Unknown product_precision {precision!r}; choose one of {PRODUCT_PRECISIONS}.")
+    return precision
+
+
 def bfloat16_products(precision: str, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether large float32 matrix products on ``device`` take their inputs in bfloat16, with float32
     sums, under ``precision`` (``"auto"``: where the CPU multiplies bfloat16 in hardware)."""
-    if precision not in PRODUCT_PRECISIONS:
-        raise ValueError(f"Unknown product_precision {precision!r}; choose one of {PRODUCT_PRECISIONS}.")
-    if precision == "float32" or dtype != torch.float32:
+    if check_product_precision(precision) == "float32" or dtype != torch.float32:
         return False
     return precision == "bfloat16" or (device.type == "cpu" and has_bfloat16_matrix_units())
 
@@ -279,14 +283,13 @@ class SketchProjector:
         chunked_fold: bool | None = None,
         product_precision: str = "auto",
     ):
-        bfloat16_products(product_precision, torch.float64, torch.device("cpu"))  # refuses an unknown one
         self.projection_dim = check_projection_dim(projection_dim)
         self.seed = int(seed)
         self.fft_weight = float(fft_weight)
         self.fold_weight = float(fold_weight)
         self.piece_bytes = piece_bytes
         self.chunked_fold = chunked_fold
-        self.product_precision = product_precision
+        self.product_precision = check_product_precision(product_precision)
         self._cache: dict[tuple, BlockHash] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
 
