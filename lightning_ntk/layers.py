@@ -606,11 +606,9 @@ class LayerGradients:
                     autocast = torch.is_autocast_enabled(x.device.type)
                     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
                         if not prepared:
-                            dtype, order = torch.promote_types(grads.dtype, torch.float32), None
-                            if call.block.kind == "outer":  # gathered in the precision of their products
-                                order = projector.column_order(call.position, call.block, x.device)
-                                x = x.to(projector.input_dtype(call.block, _layer_grads(call.block, grads, None).shape[2], dtype, x.device))
-                            prepared.append(projector.prepare(call.position, call.block, _layer_inputs(call.block, x, order), dtype, order is not None))
+                            order = projector.column_order(call.position, call.block, x.device) if call.block.kind == "outer" else None
+                            inputs = _layer_inputs(call.block, x, order)
+                            prepared.append(projector.prepare(call.position, call.block, inputs, torch.promote_types(grads.dtype, torch.float32), order is not None))
                         projector.sketch(call.position, call.block, None, _layer_grads(call.block, grads, prepared[0]), prepared[0], target[0])
 
                 def backward(x: torch.Tensor, grad: torch.Tensor) -> None:

@@ -332,11 +332,6 @@ class SketchProjector:
         large = min(block.rows // block.groups, block.cols, positions) >= 32
         return torch.bfloat16 if large or self.product_precision == "bfloat16" else dtype
 
-    def input_dtype(self, block, positions: int, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-        """The precision in which an ``outer`` block's inputs are best gathered (see :meth:`prepare`): that
-        of the fold route's products, the signals' own on the FFT route."""
-        return dtype if self.prefers_fft(block, positions) else self.product_dtype(block, positions, dtype, device)
-
     def _chunked(self, device: torch.device) -> bool:
         return self.chunked_fold if self.chunked_fold is not None else device.type == "cpu"
 
@@ -368,13 +363,12 @@ class SketchProjector:
         if inputs is None or block.kind != "outer":
             return inputs
         h = self.block_hash(position, block, inputs.device, dtype)
-        fft = self.prefers_fft(block, inputs.shape[1])
-        a = inputs.to(self.input_dtype(block, inputs.shape[1], dtype, inputs.device))
-        a = a if ordered else _columns(a, h.col_index)
+        a = inputs.to(dtype) if ordered else _columns(inputs.to(dtype), h.col_index)
+        fft = self.prefers_fft(block, a.shape[1])
         if fft or _signs_inputs(block, a.shape[1]):
-            a = a * h.col_sign.to(a.dtype) if a is inputs else a.mul_(h.col_sign)
+            a = a * h.col_sign if a is inputs else a.mul_(h.col_sign)
         if not fft:
-            return a
+            return a.to(self.product_dtype(block, a.shape[1], dtype, a.device))
         sketches = a.new_zeros(*a.shape[:-1], self.projection_dim)
         _fold_into(a, self.projection_dim, 0, sketches, self._chunked(a.device))
         return torch.fft.rfft(sketches)
