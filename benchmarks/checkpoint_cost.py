@@ -7,8 +7,13 @@ solution as the callback does from its second checkpoint on. The floor is a forw
 backward pass per class (weight gradients included) over the same reference and query examples:
 what any exact per-class gradient method must at least spend.
 
-    python benchmarks/checkpoint_cost.py            # ~3 minutes on a 2-core CPU
-    python benchmarks/checkpoint_cost.py --quick    # smaller sets, to check that it runs
+    python benchmarks/checkpoint_cost.py              # ~3 minutes on a 2-core CPU
+    python benchmarks/checkpoint_cost.py --repeats 4  # and 4 timings of featurize and fit against the floor, sorted
+    python benchmarks/checkpoint_cost.py --quick      # smaller sets, to check that it runs
+
+One checkpoint per row says little on a shared machine (the floor itself moves by 10–15% from run to
+run); ``--repeats`` times the same featurization and fit again in the same process, each right after
+its own floor, for the first set.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch.nn import functional as F
 
 from lightning_ntk import FidelityPipeline
 from lightning_ntk.demos import load_digits_tensors
+from lightning_ntk.pipeline import example_set
 
 
 def digits_28(copies: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -84,6 +90,27 @@ def measure(model: nn.Module, data: tuple[torch.Tensor, ...], reference: int, qu
     return row
 
 
+def repeated_ratios(model: nn.Module, data: tuple[torch.Tensor, ...], reference: int, query: int, repeats: int) -> list[tuple[float, float]]:
+    """``(featurize / floor, fit / floor)`` for ``repeats`` featurizations and fits of the same sets, each
+    against a floor timed right before it, sorted."""
+    x_train, y_train, x_test, y_test = data
+    pipeline = FidelityPipeline(model)
+    sets = example_set("reference", (x_train, y_train), reference), example_set("query", (x_test, y_test), query)
+    for examples in sets:
+        examples.scan(pipeline.task)
+    inputs = torch.cat([x_train[sets[0].indices], x_test[sets[1].indices]])
+    features = pipeline.featurize(*sets)  # warm-up
+    ratios = []
+    for _ in range(repeats):
+        floor = floor_seconds(model, inputs)
+        started = time.perf_counter()
+        features = pipeline.featurize(*sets)
+        featurized = time.perf_counter()
+        pipeline.fit(features, int(features.query_logits.shape[1]))
+        ratios.append(((featurized - started) / floor, (time.perf_counter() - featurized) / floor))
+    return sorted(ratios)
+
+
 def print_table(rows: list[dict]) -> None:
     print("| reference / query | floor (s) | checkpoint | featurize (s) | fit (s) | score (s) | iterations | total / floor | Kendall τ | TAD (pp) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -99,12 +126,18 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sets, to check that the script runs")
+    parser.add_argument("--repeats", type=int, default=0, help="also time featurize and fit this many times against the floor (first set)")
     args = parser.parse_args()
     sets = [(200, 100)] if args.quick else [(1000, 500), (5000, 500)]
     data = digits_28(copies=1 if args.quick else 5)
     model = train(cnn(), data[0][:1300], data[1][:1300], epochs=1 if args.quick else 2)
     print(f"CNN with {sum(p.numel() for p in model.parameters()):,} parameters, {torch.get_num_threads()} threads; defaults of FidelityPipeline")
     print_table([measure(model, data, reference, query) for reference, query in sets])
+    if args.repeats:
+        ratios = repeated_ratios(model, data, *sets[0], args.repeats)
+        print(f"\n{sets[0][0]:,} / {sets[0][1]:,}, {args.repeats} repetitions, sorted: featurize / floor "
+              + " ".join(f"{f:.2f}" for f, _ in ratios) + "; fit / floor " + " ".join(f"{g:.2f}" for _, g in ratios)
+              + "; featurize + fit / floor " + " ".join(f"{f + g:.2f}" for f, g in ratios))
 
 
 if __name__ == "__main__":

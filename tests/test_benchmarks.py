@@ -2,6 +2,7 @@
 machine or the GPU machine is there to time them (the GPU script gets one prepared run)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,9 @@ def run_script(*args: str, timeout: int = 600) -> str:
 
 @pytest.mark.slow
 def test_checkpoint_cost_runs_and_prints_its_table():
-    out = run_script("benchmarks/checkpoint_cost.py", "--quick")
+    out = run_script("benchmarks/checkpoint_cost.py", "--quick", "--repeats", "2")
     assert "| 200 / 100 |" in out and "cold" in out and "warm" in out
+    assert re.search(r"2 repetitions, sorted: featurize / floor [0-9.]+ [0-9.]+; fit / floor", out), out[-1000:]
 
 
 @pytest.mark.slow
