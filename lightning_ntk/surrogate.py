@@ -251,9 +251,9 @@ class _Preconditioner:
 def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
     """The Cholesky factor of a symmetric positive (semi)definite matrix, with the smallest diagonal
     jitter that makes rounding errors harmless."""
-    scale = float(matrix.diagonal().abs().max())
-    if not (math.isfinite(scale) and bool(torch.isfinite(matrix).all())):
+    if not all_finite(matrix):
         raise FloatingPointError("The surrogate's Hessian holds NaN or inf: the kernel or the starting point is not finite.")
+    scale = float(matrix.diagonal().abs().max())
     jitter = 0.0
     identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     for _ in range(64):  # from 1e-14 of the diagonal up: far above it, any symmetric matrix is positive definite
@@ -337,7 +337,7 @@ def _solve(
         start_logits = objective.logits(theta)
         # a start worse than none (e.g. another kernel's solution, confidently wrong on this one) is dropped:
         # its saturated probabilities leave the loss almost no curvature to take Newton steps with
-        warm = bool(torch.isfinite(start_logits).all()) and float(loss(start_logits)[0]) + objective.penalty(theta) < float(zero_value)
+        warm = all_finite(start_logits) and float(loss(start_logits)[0]) + objective.penalty(theta) < float(zero_value)
         theta, logits = (theta, start_logits) if warm else (zero, zero[:-1])
     history: list[float] = []
     for iteration in range(max_iter + 1):
@@ -357,7 +357,7 @@ def _solve(
             break
         length = _line_search(objective, logits, logit_step, theta, step, slope)
         new_theta, new_logits = theta + length * step, logits + length * logit_step
-        if not (torch.isfinite(new_theta).all() and torch.isfinite(new_logits).all()):
+        if not (all_finite(new_theta) and all_finite(new_logits)):
             break
         theta, logits = new_theta, new_logits
 
