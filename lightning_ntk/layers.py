@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
 from .jacobian import ParamSelection, PerExampleGradients, _autograd_on, check_logits, eval_mode, select_parameters
-from .projection import DEFAULT_MEMORY_BUDGET, SketchTotal, hash_positions
+from .projection import DEFAULT_MEMORY_BUDGET, SketchTotal, gather_columns, hash_positions
 from .task import Task, batch_size_of, differentiable, slice_inputs
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -288,7 +288,7 @@ def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: b
         source = x.reshape(b, -1, 3 if isinstance(module, _PackedProjection) and x.dim() == 4 else 1, x.shape[-1])
         parts = ([source] if with_weight else []) + ([source.new_ones(*source.shape[:3], 1)] if with_bias else [])
         a = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
-        return a if order is None else a.reshape(-1, a.shape[-1]).index_select(1, order).view(*a.shape[:-1], len(order))
+        return a if order is None else gather_columns(a, order)
     if any(module._reversed_padding_repeated_twice):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)

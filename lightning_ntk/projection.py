@@ -163,14 +163,14 @@ def _fold_into(x: torch.Tensor, k: int, offset: int, out: torch.Tensor, chunked:
         add(out[..., : n - head - whole], head + whole, n)
 
 
-def _columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[..., index]``, gathered as a matrix (much faster than along the last of several dimensions)."""
     return x.reshape(-1, x.shape[-1]).index_select(1, index).view(*x.shape[:-1], len(index))
 
 
 def _hash_row(g: torch.Tensor, h: BlockHash, k: int, out: torch.Tensor, chunked: bool) -> None:
     """Add the count-sketch of gradients with one row, ``[..., cols]`` formed as they are, to ``out``."""
-    _fold_into(_columns(g, h.col_index).mul_(h.col_sign * h.row_sign), k, h.offset, out, chunked)
+    _fold_into(gather_columns(g, h.col_index).mul_(h.col_sign * h.row_sign), k, h.offset, out, chunked)
 
 
 def _signs_inputs(block, positions: int) -> bool:
@@ -363,7 +363,7 @@ class SketchProjector:
         if inputs is None or block.kind != "outer":
             return inputs
         h = self.block_hash(position, block, inputs.device, dtype)
-        a = inputs.to(dtype) if ordered else _columns(inputs.to(dtype), h.col_index)
+        a = inputs.to(dtype) if ordered else gather_columns(inputs.to(dtype), h.col_index)
         fft = self.prefers_fft(block, a.shape[1])
         if fft or _signs_inputs(block, a.shape[1]):
             a = a * h.col_sign if a is inputs else a.mul_(h.col_sign)
@@ -441,6 +441,6 @@ class SketchProjector:
     def _embedding(self, block, h: BlockHash, tokens: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> None:
         """``d`` ``[C, B, T, cols]``: scatter each token's gradient row into its buckets of ``out``."""
         k = self.projection_dim
-        signed = _columns(d, h.col_index).mul_(h.col_sign).mul_(h.row_sign[tokens][..., None])
+        signed = gather_columns(d, h.col_index).mul_(h.col_sign).mul_(h.row_sign[tokens][..., None])
         buckets = (h.offset + tokens[..., None] * block.cols + torch.arange(block.cols, device=d.device)) % k
         out.scatter_add_(-1, buckets.flatten(1).expand(d.shape[0], -1, -1), signed.flatten(2))
