@@ -209,7 +209,8 @@ class Featurizer:
 
     def featurize_batch(self, inputs: Any, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The batch's features; ``with_logits``: and the model's eval-mode logits ``[B, C]``, which the
-        sketch takes from its own forward pass (the dense projections run one more)."""
+        sketch takes from its own forward pass (the dense projections, and a sketch whose modules all
+        fell back, run one more)."""
         if isinstance(self.projector, SketchProjector):
             features, logits = self._sketch(inputs)
         else:
@@ -223,11 +224,12 @@ class Featurizer:
                 logits = check_logits(self.task.forward(self.model, inputs), batch_size_of(inputs))
         return features, logits
 
-    def _sketch(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sketch(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = batch_size_of(inputs)
         step = self.chunk_size or n
         parts = [self.gradients.project(slice_inputs(inputs, s, s + step), self.projector, self.summed, with_logits=True) for s in range(0, n, step)]
-        features, logits = (torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts))
+        features = torch.cat([f for f, _ in parts]) if len(parts) > 1 else parts[0][0]
+        logits = None if parts[0][1] is None else torch.cat([l for _, l in parts])
         if not all_finite(features):  # name the culprit (only on this rare path)
             for sig in self.gradients(inputs, self.summed):
                 for name, g in sig.parameter_gradients().items():

@@ -585,12 +585,12 @@ class LayerGradients:
         width = blk.cols // len(blk.params)
         return [logits.new_zeros(b, 1, width)], [logits.new_zeros(classes, b, 1, width)]
 
-    def project(self, inputs: Any, projector, summed: bool = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def project(self, inputs: Any, projector, summed: bool = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, C, K]`` (``C = 1`` when ``summed``): ``projector``'s sketch
         (:class:`~lightning_ntk.projection.SketchProjector`) of every example's per-class gradients, the
         structured blocks' sketched inside the backward pass, the fallback's chunk by chunk. ``with_logits``:
         also the logits ``[B, C]`` of the forward pass this takes (the model's eval-mode logits, detached),
-        so that nobody runs another."""
+        so that nobody runs another; None where every module fell back, so that none ran."""
         self._check_structure(inputs)
         n, features, logits = batch_size_of(inputs), None, None
         if self.blocks:
@@ -640,10 +640,7 @@ class LayerGradients:
             features = flat if features is None else features + flat.to(features.dtype)
         if not with_logits:
             return features
-        if logits is None:  # every module fell back: no forward pass ran here
-            with torch.no_grad(), eval_mode(self.model):
-                logits = check_logits(self.task.forward(self.model, inputs), n)
-        return features, logits.detach()
+        return features, None if logits is None else logits.detach()
 
     def _forward(self, inputs: Any, output_of: Callable[[_Call, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, list[_Call]]:
         """Run the model with a hook on every block that records each call and replaces the call's

@@ -495,6 +495,24 @@ def test_features_come_with_the_logits_of_their_own_forward_pass(projector):
     torch.testing.assert_close(features, featurizer(x, batch_size=4), rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(logits, model.eval()(x), rtol=1e-12, atol=1e-12)
+    if projector == "sketch":  # every module falling back: no forward pass of the sketch's to take them from
+
+        class Product(nn.Module):
+            """A module the structured path does not know."""
+
+            def __init__(self):
+                super().__init__()
+                self.weight = nn.Parameter(torch.linspace(-1, 1, 128 * 3).view(128, 3))
+
+            def forward(self, x):
+                return x.flatten(1) @ self.weight
+
+        only_fallback = Product().double()
+        with pytest.warns(UserWarning, match="generic"):
+            fallback = ln.Featurizer(only_fallback, projection_dim=16, projector="sketch")
+        _, logits = fallback(x, batch_size=4, with_logits=True)
+        with torch.no_grad():
+            torch.testing.assert_close(logits, only_fallback(x), rtol=0, atol=0)
 
     pipeline = ln.FidelityPipeline(model, projection={"dim": 16, "projector": projector}, batch_size=4)
     reference, query = (example_set(name, (x, torch.arange(10) % 3)) for name in ("reference", "query"))
