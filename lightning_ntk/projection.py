@@ -412,9 +412,10 @@ class SketchProjector:
             b = ds.shape[1]
             if g == 1:  # the classes stacked as rows of one matrix product per example
                 lhs = ds.permute(1, 0, 3, 2)
-                if signed_inputs or lhs.dtype != as_.dtype:
-                    lhs = torch.mul(lhs, h.row_sign[:, None], out=self._scratch("signed", lhs.shape, as_)) if signed_inputs else (
-                        self._scratch("signed", lhs.shape, as_).copy_(lhs))
+                if signed_inputs:  # signed, in the products' precision
+                    lhs = torch.mul(lhs, h.row_sign[:, None], out=self._scratch("lhs", lhs.shape, as_))
+                elif lhs.dtype != as_.dtype:
+                    lhs = self._scratch("lhs", lhs.shape, as_).copy_(lhs)
                 m = torch.bmm(lhs.reshape(b, classes * rows, t), as_[:, :, 0], out=self._scratch("formed", (b, classes * rows, block.cols), as_))
                 m = m.view(b, classes, rows, block.cols)
             else:
