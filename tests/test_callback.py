@@ -211,3 +211,20 @@ def test_single_logit_binary_network(tmp_path, wandb_dir):
     contributions = sign * callback.surrogate.weight.detach()[0] * rows
     assert set(result.target.tolist()) == {0, 1}
     assert torch.equal(result.proponent_indices, stored["reference_indices"][contributions.topk(3, dim=1).indices])
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_a_checkpoint_says_what_it_is_doing(tmp_path, capfd, caplog, progress_bar):
+    """With the trainer's progress bar, a checkpoint shows bars for both sides' features and the
+    surrogate's fit; without it, none. Either way it logs one line with the figures and where the
+    time went."""
+    callback = small_callback(every_n_epochs=None, top_k=0)
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        fit(tmp_path, [callback], max_epochs=1, enable_progress_bar=progress_bar)
+    bars = capfd.readouterr().err
+    for bar in ("NTK features (reference)", "NTK features (query)", "NTK surrogate fit"):
+        assert (bar in bars) == progress_bar, bar
+    [record] = callback.history
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NTK fidelity")]
+    assert f"Kendall-τ {record.kendall_tau:.3f}" in line and "(120 reference, 60 query examples)" in line
+    assert f"featurize {record.featurize_seconds:.1f} s" in line and f"({record.fit_iterations} iterations)" in line
