@@ -23,6 +23,7 @@ def run_script(*args: str, timeout: int = 600) -> str:
 def test_checkpoint_cost_runs_and_prints_its_table():
     out = run_script("benchmarks/checkpoint_cost.py", "--quick", "--repeats", "2")
     assert "| 200 / 100 |" in out and "cold" in out and "warm" in out
+    assert "| featurize + fit / floor | all / floor |" in out  # the target's measure, and with scoring
     assert re.search(r"2 repetitions, sorted: featurize / floor [0-9.]+ [0-9.]+; fit / floor", out), out[-1000:]
 
 
