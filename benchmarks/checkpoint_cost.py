@@ -99,7 +99,7 @@ def repeated_ratios(model: nn.Module, data: tuple[torch.Tensor, ...], reference:
     for examples in sets:
         examples.scan(pipeline.task)
     inputs = torch.cat([x_train[sets[0].indices], x_test[sets[1].indices]])
-    features = pipeline.featurize(*sets)  # warm-up
+    pipeline.featurize(*sets)  # warm-up
     ratios = []
     for _ in range(repeats):
         floor = floor_seconds(model, inputs)
