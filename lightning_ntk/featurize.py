@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, parameter_fingerprint
@@ -340,26 +341,40 @@ def embedding_features(
         return [m for m in model.modules() if isinstance(m, (nn.Linear, *CONV_TYPES)) and m is not last]
 
     targets: list[nn.Module] = []  # fixed by the model: found on the first batch, whose forward pass that costs
+    batch_dims: list[int] = []  # per call of a hooked module, in call order: the dimension of its tensor that holds the batch
     widths: list[int] = []  # features per example, fixed by the first batch
 
+    def capture(inputs) -> list[tuple[nn.Module, torch.Tensor]]:
+        """The hooked modules' outputs (``ck``: inputs), in call order, from one forward pass."""
+        captured: list[tuple[nn.Module, torch.Tensor]] = []
+        if kind == "ck":
+            hook = lambda mod, args, out: captured.append((mod, args[0]))  # noqa: E731
+        else:
+            hook = lambda mod, args, out: captured.append((mod, out))  # noqa: E731
+        handles = [m.register_forward_hook(hook) for m in targets]
+        try:
+            check_logits(task.forward(model, inputs), batch_size_of(inputs))
+        finally:
+            for h in handles:
+                h.remove()
+        if not captured:
+            raise ValueError("None of the chosen layers ran in the forward pass; check layers=[...].")
+        return captured
+
     def featurize_batch(inputs):
-        captured: list[torch.Tensor] = []
         with eval_mode(model), torch.no_grad():
             if not targets:
                 targets.extend(hooked_modules(inputs))
-            if kind == "ck":
-                hook = lambda mod, args, out: captured.append(args[0])  # noqa: E731
-            else:
-                hook = lambda mod, args, out: captured.append(out)  # noqa: E731
-            handles = [m.register_forward_hook(hook) for m in targets]
-            try:
-                check_logits(task.forward(model, inputs), batch_size_of(inputs))
-            finally:
-                for h in handles:
-                    h.remove()
-        if not captured:
-            raise ValueError("None of the chosen layers ran in the forward pass; check layers=[...].")
-        features = torch.cat([task.mask_positions(h, inputs).reshape(h.shape[0], -1) for h in captured], dim=1)
+                batch_dims.extend(_batch_dims(capture, inputs, {m: n for n, m in modules.items()}, "input" if kind == "ck" else "output"))
+            captured = capture(inputs)
+        if len(captured) != len(batch_dims):
+            raise ValueError(
+                f"The chosen layers ran {len(captured)} times on this batch and {len(batch_dims)} times on one example: "
+                "choose layers=[...] that run once per forward pass whatever the batch."
+            )
+        # sequence-first layers ([T, B, ...]) are laid out batch-first, as the mask of padded positions is
+        hidden = [h.movedim(dim, 0) for (_, h), dim in zip(captured, batch_dims)]
+        features = torch.cat([task.mask_positions(h, inputs).reshape(h.shape[0], -1) for h in hidden], dim=1)
         if not widths:
             widths.append(features.shape[1])
         elif features.shape[1] != widths[0]:
@@ -371,3 +386,26 @@ def embedding_features(
         return features
 
     return stream_features(model, data, featurize_batch, task, batch_size)
+
+
+def _batch_dims(capture: Callable[[Any], list[tuple[nn.Module, torch.Tensor]]], inputs: Any, names: dict[nn.Module, str], what: str) -> list[int]:
+    """For each tensor ``capture`` records, the dimension that holds the batch: the one that grows from 1 to 2
+    when the first example is passed alone and twice (``[T, B, E]`` for sequence-first layers, such as
+    ``nn.TransformerEncoderLayer(batch_first=False)``), found from the structure, not from values."""
+    one = slice_inputs(inputs, 0, 1)
+    two = tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) else t, one)
+    single, double = capture(one), capture(two)
+    if [m for m, _ in single] != [m for m, _ in double]:
+        raise ValueError("The chosen layers run a different number of times for one example and for two: choose layers=[...] "
+                         "that run once per forward pass whatever the batch.")
+    dims = []
+    for (module, a), (_, b) in zip(single, double):
+        grown = [d for d in range(a.ndim) if a.ndim == b.ndim and a.shape[d] != b.shape[d]]
+        if len(grown) != 1 or (a.shape[grown[0]], b.shape[grown[0]]) != (1, 2):
+            raise ValueError(
+                f"The {what} of layer '{names.get(module, type(module).__name__)}' "
+                f"({tuple(a.shape)} for one example, {tuple(b.shape)} for two) does not hold the batch in one dimension, so its "
+                "rows cannot be told apart by example: choose other layers=[...]."
+            )
+        dims.append(grown[0])
+    return dims

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 from conftest import brute_force_gradients, brute_force_kernel
 from models import DictModel, SmallCNN, dict_inputs, mlp
 
@@ -117,3 +118,57 @@ def test_kernel_products_in_bfloat16_stay_a_faithful_gram_matrix():
     assert (plain.double() - exact).abs().max() < 1e-5
     if has_bfloat16_matrix_units() and before is not None:
         assert (fast - plain).abs().max() > 1e-5  # the rounding shows: the products did run in bfloat16
+
+
+class SequenceFirstEncoder(nn.Module):
+    """Inputs [B, T, 3] run sequence-first ([T, B, E]) through an encoder layer and the head, as with
+    batch_first=False; ``flat`` adds a layer that sees batch and positions merged ([B·T, E])."""
+
+    def __init__(self, flat=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(3, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=False)
+        self.merged = nn.Linear(8, 8) if flat else None
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.encoder(self.embed(x).transpose(0, 1))
+        if self.merged is not None:
+            h = self.merged(h.reshape(-1, 8)).view(h.shape)
+        return self.head(h).mean(0)
+
+
+def per_example_outputs(model, x, layers, inputs=False):
+    """Each example alone through the model, the chosen layers' outputs (inputs) flattened and joined."""
+    modules = dict(model.named_modules())
+    rows = []
+    for i in range(len(x)):
+        seen = []
+        handles = [modules[n].register_forward_hook(lambda m, a, o: seen.append(a[0] if inputs else o)) for n in layers]
+        with torch.no_grad():
+            model(x[i : i + 1])
+        for h in handles:
+            h.remove()
+        rows.append(torch.cat([t.flatten() for t in seen]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("batch", [4, 3, 1])
+def test_em_and_ck_of_sequence_first_layers_match_per_example_outputs(batch):
+    """Outputs laid out [T, B, E] are read per example, whether B = T (where a wrong layout still has the
+    right shape) or not; the encoder's inner layers and the encoder's own output alike."""
+    model = SequenceFirstEncoder().double().eval()
+    x = torch.randn(batch, 4, 3, dtype=torch.float64)
+    for layers in (["encoder.linear2"], ["embed", "encoder"]):
+        got = ln.exact_kernel(model, x, kind="em", layers=layers, batch_size=2)
+        torch.testing.assert_close(got, cosine(per_example_outputs(model, x, layers)), rtol=1e-12, atol=1e-12)
+    default = ["embed", "encoder.linear1", "encoder.linear2"]  # every Linear but the head (out_proj runs inside the attention)
+    torch.testing.assert_close(ln.exact_kernel(model, x, kind="em"), cosine(per_example_outputs(model, x, default)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ln.exact_kernel(model, x, kind="ck"), cosine(per_example_outputs(model, x, ["head"], inputs=True)), rtol=1e-12, atol=1e-12)
+
+
+def test_em_of_a_layer_without_a_batch_dimension_is_refused():
+    model, x = SequenceFirstEncoder(flat=True).double().eval(), torch.randn(4, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"output of layer 'merged' \(\(4, 8\) for one example, \(8, 8\) for two\) does not hold the batch"):
+        ln.exact_kernel(model, x, kind="em", layers=["merged"])
