@@ -562,13 +562,14 @@ class LayerGradients:
             classes = 1 if summed else logits.shape[1]
             for blk in self.blocks:
                 mine = [(call, g) for call, g in zip(calls, grads) if call.block is blk]
+                if not mine:  # the layer did not run: its gradient is zero
+                    signals.append(LayerSignals(blk, *self._zero_signals(blk, logits, classes)))
+                    continue
                 xs = [_layer_inputs(blk, call.input.detach()) for call, _ in mine]
                 if blk.kind == "outer":  # an attention's in-projection may have run on one input and on three
                     groups = max(x.shape[2] for x in xs)
                     xs = [x.expand(-1, -1, groups, -1) for x in xs]
                 ds = [_layer_grads(blk, g, x) for (_, g), x in zip(mine, xs)]
-                if not mine:  # the layer did not run: its gradient is zero
-                    xs, ds = self._zero_signals(blk, logits, classes)
                 signals.append(LayerSignals(blk, torch.cat(xs, 1), torch.cat(ds, 2)))
         if self._fallback is not None:
             flat = self._fallback(inputs, summed)
@@ -576,14 +577,15 @@ class LayerGradients:
         return signals
 
     @staticmethod
-    def _zero_signals(blk: Block, logits: torch.Tensor, classes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _zero_signals(blk: Block, logits: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs and gradients of a block whose module did not run: one position of zeros."""
         b = logits.shape[0]
         if blk.kind == "outer":
-            return [logits.new_zeros(b, 1, blk.groups, blk.cols)], [logits.new_zeros(classes, b, 1, blk.rows)]
+            return logits.new_zeros(b, 1, blk.groups, blk.cols), logits.new_zeros(classes, b, 1, blk.rows)
         if blk.kind == "embedding":
-            return [torch.zeros(b, 1, dtype=torch.long, device=logits.device)], [logits.new_zeros(classes, b, 1, blk.cols)]
+            return torch.zeros(b, 1, dtype=torch.long, device=logits.device), logits.new_zeros(classes, b, 1, blk.cols)
         width = blk.cols // len(blk.params)
-        return [logits.new_zeros(b, 1, width)], [logits.new_zeros(classes, b, 1, width)]
+        return logits.new_zeros(b, 1, width), logits.new_zeros(classes, b, 1, width)
 
     def project(self, inputs: Any, projector, summed: bool = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, C, K]`` (``C = 1`` when ``summed``): ``projector``'s sketch
@@ -732,14 +734,14 @@ class LayerGradients:
         any precision (TF32, autocast, half-precision weights); exactness itself is tested in float64."""
         if self._checked or not self.blocks:
             return
-        self._checked = True
-        one = differentiable(slice_inputs(inputs, 0, 1))
-        two = tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) else t, one)
         index = {id(blk.module): blk for blk in self.blocks}
         wrong_batch: set[str] = set()
         broadcast: set[str] = set()
         runs: list[Counter] = []
         with eval_mode(self.model), _autograd_on(self.params.values()):
+            # the probes are made here, outside any inference mode of the caller's, whose tensors autograd cannot save
+            one = differentiable(slice_inputs(inputs, 0, 1))
+            two = tree_map(lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) else t, one)
             for n, sample in ((1, one), (2, two)):
                 calls: Counter = Counter()
                 outputs: dict[str, set] = {}  # the autograd nodes of each block's outputs
@@ -763,6 +765,7 @@ class LayerGradients:
                 runs.append(calls)
             around = _reached_around(logits.grad_fn, outputs, self.blocks, self.params) if logits.grad_fn is not None else set()
         wrong_batch |= {name for name in runs[0] | runs[1] if runs[0][name] != runs[1][name]}
+        self._checked = True  # only once the probes have run: a failed check is made again, never skipped
         self._broadcast = broadcast - wrong_batch
         if wrong_batch:
             self._fall_back([blk.name for blk in self.blocks if blk.name in wrong_batch],

@@ -90,7 +90,7 @@ def brute_force_gradients(model, inputs, params=None):
             out = model(**{k: v[i : i + 1] for k, v in inputs.items()})[0]
         else:
             out = model(inputs[i : i + 1])[0]
-        rows.append(torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(out[c], chosen, retain_graph=True)]) for c in range(out.shape[0])]))
+        rows.append(torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(out[c], chosen, retain_graph=True, allow_unused=True, materialize_grads=True)]) for c in range(out.shape[0])]))
     return torch.stack(rows)
 
 

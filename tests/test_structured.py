@@ -4,7 +4,7 @@ each against an independent computation (brute-force autograd loops, an explicit
 import pytest
 import torch
 from models import DictModel, SmallCNN, dict_inputs, mlp
-from conftest import brute_force_gradients, explicit_sketch
+from conftest import brute_force_gradients, brute_force_kernel, explicit_sketch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -584,3 +584,87 @@ def test_bfloat16_products_only_where_they_pay(monkeypatch):
     assert ln.SketchProjector(64, product_precision="bfloat16").product_dtype(thin, 1, torch.float32, cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="product_precision"):
         ln.ProjectionConfig(product_precision="half")
+
+
+class TiedOutside(nn.Module):
+    """A weight also used through F.linear outside its module: the module must fall back."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x)) + F.linear(x, self.inner.weight))
+
+
+class SequenceFirstLinear(nn.Module):
+    """Inputs [B, T, 3] through a Linear layer laid out [T, B, ...]: B = T hides the layout in the shapes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mix, self.head = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(x.transpose(0, 1))).mean(0))
+
+
+STRUCTURE_CASES = {
+    "tied_outside": (TiedOutside, lambda: torch.randn(5, 4, dtype=torch.float64), "inner"),
+    "sequence_first": (SequenceFirstLinear, lambda: torch.randn(4, 4, 3, dtype=torch.float64), "mix"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Per-example gradients of module")
+@pytest.mark.parametrize("case", STRUCTURE_CASES)
+def test_inference_mode_gives_the_brute_force_kernels_and_keeps_the_structure_check(case):
+    """Under torch.inference_mode (as in trainer.predict/validate), with inputs made there, every path gives
+    the brute-force kernel; a featurizer first used there still sends the same modules to the fallback later."""
+    make_model, make_inputs, falls_back = STRUCTURE_CASES[case]
+    model, x = make_model().double(), make_inputs()
+    want = brute_force_kernel(brute_force_gradients(model, x), brute_force_gradients(model, x), "trntk")
+    featurizer = ln.Featurizer(model, "proj_trntk", 64, "sketch", seed=3)
+    with torch.inference_mode():
+        inference_x = x.clone()
+        torch.testing.assert_close(ln.exact_kernel(model, inference_x), want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ln.factored_kernel(model, inference_x), want, rtol=1e-9, atol=1e-12)
+        inside = featurizer(inference_x)
+    assert falls_back in featurizer.gradients.fallback_modules
+    fresh = ln.Featurizer(model, "proj_trntk", 64, "sketch", seed=3)
+    torch.testing.assert_close(featurizer(x), fresh(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inside, fresh(x), rtol=1e-12, atol=1e-12)
+    assert fresh.gradients.fallback_modules == featurizer.gradients.fallback_modules
+
+
+def test_pipeline_features_under_inference_mode_then_run():
+    """pipeline.features() inside inference mode, then run(): the same features and record as a fresh pipeline."""
+    model = TiedOutside()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 4, generator=g), torch.randint(0, 3, (60,), generator=g)
+    used = ln.FidelityPipeline(model, "proj_trntk", {"dim": 64})
+    with pytest.warns(UserWarning, match="'inner'"), torch.inference_mode():
+        inside = used.features(x[:8].clone())
+    fresh = ln.FidelityPipeline(model, "proj_trntk", {"dim": 64})
+    with pytest.warns(UserWarning, match="'inner'"):
+        torch.testing.assert_close(inside, fresh.features(x[:8]))
+    a, b = used.run((x[:40], y[:40]), (x[40:], y[40:])), fresh.run((x[:40], y[:40]), (x[40:], y[40:]))
+    torch.testing.assert_close(a.features.reference_features, b.features.reference_features)
+    assert a.record.kendall_tau == b.record.kendall_tau
+
+
+def test_factored_kernel_of_a_model_with_modules_that_never_run():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.hidden, self.spare, self.spare_conv, self.head = nn.Linear(6, 5), nn.Linear(5, 5), nn.Conv1d(2, 2, 3), nn.Linear(5, 3)
+            self.spare_embedding, self.spare_norm = nn.Embedding(4, 2), nn.LayerNorm(5)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.hidden(x)))
+
+    model, x, z = Unused().double(), torch.randn(5, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    g_x, g_z = brute_force_gradients(model, x), brute_force_gradients(model, z)
+    for kind in ("trntk", "trntk0", "pntk"):
+        torch.testing.assert_close(ln.factored_kernel(model, x, z, kind, batch_size=2), brute_force_kernel(g_x, g_z, kind), rtol=1e-9, atol=1e-12)
