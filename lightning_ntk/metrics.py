@@ -110,12 +110,26 @@ def _check_inputs(network_logits: torch.Tensor, surrogate_logits: torch.Tensor, 
     check_label_range(labels, network_logits.shape[1], fix="Check that the query set uses the training set's classes.")
 
 
+def _per_distinct_row(fn, rows: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied once to each distinct row of ``rows``, in sorted order: equal rows get bit-equal
+    results wherever they stand. (Elementwise kernels take other code paths in a vector's tail, so the same
+    logits give results one ulp apart by position, which would turn ties into ordered pairs and make τ
+    depend on how examples were batched, merged or sharded.)"""
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    return fn(distinct)[inverse]
+
+
+def _class_probability(rows: torch.Tensor) -> torch.Tensor:
+    """Rows of logits followed by a class index: the probability of that class."""
+    return _probabilities(rows[:, :-1]).gather(1, rows[:, -1:].long())[:, 0]
+
+
 def fidelity_scores(network_logits: torch.Tensor, surrogate_logits: torch.Tensor, labels: torch.Tensor, score: str = "true_class"):
     """The paired scores that Kendall-τ ranks, with saturated network scores (p exactly 0 or 1) dropped.
 
     ``true_class``: each model's probability of the true class (the sigmoid output for a single logit,
     as in the paper); ``predicted_class``: each model's probability of the network's predicted class;
-    ``logits``: all logits, flattened.
+    ``logits``: all logits, flattened. Equal logits (and class) give equal scores, whatever their position.
     """
     if score not in SCORES:
         raise ValueError(f"Unknown score {score!r}; choose one of {SCORES}.")
@@ -123,18 +137,20 @@ def fidelity_scores(network_logits: torch.Tensor, surrogate_logits: torch.Tensor
     if score == "logits":
         return network_logits.double().flatten(), surrogate_logits.double().flatten()
     if network_logits.shape[1] == 1 and score == "true_class":
-        net, sur = torch.sigmoid(network_logits.double()[:, 0]), torch.sigmoid(surrogate_logits.double()[:, 0])
+        column = torch.ones_like(labels)  # the sigmoid output: the probability of class 1
     else:
         column = labels if score == "true_class" else predictions(network_logits)
-        column = column.long().unsqueeze(1)
-        net = _probabilities(network_logits).gather(1, column)[:, 0]
-        sur = _probabilities(surrogate_logits).gather(1, column)[:, 0]
+    column = column.double().unsqueeze(1)
+    net, sur = (_per_distinct_row(_class_probability, torch.cat([logits.double(), column], 1)) for logits in (network_logits, surrogate_logits))
     keep = (net > 0) & (net < 1)
     return net[keep], sur[keep]
 
 
 class KendallTau(Metric):
-    """Kendall τ-b between the network's and the surrogate's scores (see :func:`fidelity_scores`)."""
+    """Kendall τ-b between the network's and the surrogate's scores (see :func:`fidelity_scores`).
+
+    The states are the logits and labels themselves, and the scores are computed from all of them at once,
+    so that τ does not depend on how the examples were split into updates or over processes."""
 
     full_state_update = False
     higher_is_better = True
@@ -144,16 +160,18 @@ class KendallTau(Metric):
         if score not in SCORES:
             raise ValueError(f"Unknown score {score!r}; choose one of {SCORES}.")
         self.score = score
-        self.add_state("network_scores", default=[], dist_reduce_fx="cat")
-        self.add_state("surrogate_scores", default=[], dist_reduce_fx="cat")
+        self.add_state("network_logits", default=[], dist_reduce_fx="cat")
+        self.add_state("surrogate_logits", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
 
     def update(self, network_logits: torch.Tensor, surrogate_logits: torch.Tensor, labels: torch.Tensor) -> None:
-        net, sur = fidelity_scores(network_logits, surrogate_logits, labels, self.score)
-        self.network_scores.append(net)
-        self.surrogate_scores.append(sur)
+        _check_inputs(network_logits, surrogate_logits, labels)
+        self.network_logits.append(network_logits.double())
+        self.surrogate_logits.append(surrogate_logits.double())
+        self.labels.append(labels.long())
 
     def compute(self) -> torch.Tensor:
-        net, sur = dim_zero_cat(self.network_scores), dim_zero_cat(self.surrogate_scores)
+        net, sur = fidelity_scores(*(dim_zero_cat(state) for state in (self.network_logits, self.surrogate_logits, self.labels)), self.score)
         return torch.tensor(kendall_tau_b(net.cpu().numpy(), sur.cpu().numpy()), dtype=torch.float64)
 
 
