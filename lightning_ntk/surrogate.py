@@ -16,7 +16,10 @@ step solves its system by preconditioned conjugate gradients (about two Hessian 
 with an exact line search, which is cheap because the logits are linear in the step. A fit takes
 about ten steps and a few dozen passes over the kernel, so its cost grows like the kernel's size,
 ``N²`` (``benchmarks/surrogate_fit.py``). Kernel products run in the kernel's precision (float32 is memory-bound and
-twice as fast), everything else in float64.
+twice as fast), everything else in float64. Near the optimum the rounding of float32 products puts a floor
+under the gradient (the Newton decrement stops at about ‖rounding‖²/α, far above the tolerance at small
+α); once a step fails to shrink the gap as Newton steps do there, the remaining steps accumulate the
+kernel products in float64 and converge as on a float64 kernel.
 """
 
 from __future__ import annotations
@@ -193,26 +196,31 @@ def _top_eigenpairs(kernel: _KernelOperator, rank: int, oversample: int = 10, se
 
 class _Objective:
     """``loss(K W + b) + α/2·‖W‖²`` as a function of ``θ = [W; b]`` (``[N + 1, C]``, float64), the bias
-    unpenalised."""
+    unpenalised. Kernel products run in the kernel's precision, or, once ``precise``, accumulate in
+    float64 (:meth:`_KernelOperator.exact`)."""
 
     def __init__(self, kernel: _KernelOperator, loss: _CrossEntropy, alpha: float):
         self.kernel, self.loss, self.alpha = kernel, loss, alpha
+        self.precise = False
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel.exact(x) if self.precise else self.kernel(x)
 
     def logits(self, theta: torch.Tensor) -> torch.Tensor:
-        return self.kernel(theta[:-1]) + theta[-1]
+        return self.product(theta[:-1]) + theta[-1]
 
     def penalty(self, theta: torch.Tensor) -> float:
         return 0.5 * self.alpha * float(theta[:-1].pow(2).sum())
 
     def gradient(self, theta: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
         residual = self.loss.residual(probabilities)
-        return torch.cat([self.kernel(residual) + self.alpha * theta[:-1], residual.sum(0, keepdim=True)])
+        return torch.cat([self.product(residual) + self.alpha * theta[:-1], residual.sum(0, keepdim=True)])
 
     def hessian_product(self, direction: torch.Tensor, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``H d`` at ``probabilities``, and the logits of ``d`` (``K d_W + d_b``) computed on the way."""
         logits = self.logits(direction)
         curvature = self.loss.hessian_product(probabilities, logits)
-        return torch.cat([self.kernel(curvature) + self.alpha * direction[:-1], curvature.sum(0, keepdim=True)]), logits
+        return torch.cat([self.product(curvature) + self.alpha * direction[:-1], curvature.sum(0, keepdim=True)]), logits
 
 
 class _Preconditioner:
@@ -339,17 +347,38 @@ def _solve(
         # its saturated probabilities leave the loss almost no curvature to take Newton steps with
         warm = all_finite(start_logits) and float(loss(start_logits)[0]) + objective.penalty(theta) < float(zero_value)
         theta, logits = (theta, start_logits) if warm else (zero, zero[:-1])
-    history: list[float] = []
-    for iteration in range(max_iter + 1):
+
+    def evaluate(theta: torch.Tensor, logits: torch.Tensor):
+        """The objective, probabilities, gradient, preconditioner, preconditioned gradient and gap at an iterate."""
         value, probabilities = loss(logits)
         gradient = objective.gradient(theta, probabilities)
-        history.append(float(value) + objective.penalty(theta))
-        if progress is not None:
-            progress(iteration, history[-1])
+        value = float(value) + objective.penalty(theta)
         preconditioner = _Preconditioner(basis, eigenvalues, objective, probabilities)
         direction, decrement = preconditioner(gradient)
-        gap = 0.5 * decrement / abs(history[-1])
+        return value, probabilities, gradient, preconditioner, direction, 0.5 * decrement / abs(value)
+
+    history: list[float] = []
+    gaps: list[float] = []
+    refined_at, stalled = None, False
+    refinable = kernel.values.dtype != torch.float64
+    for iteration in range(max_iter + 1):
+        if objective.precise:  # free of the rounding that steps taken in the kernel's precision accumulate
+            logits = objective.logits(theta)
+        value, probabilities, gradient, preconditioner, direction, gap = evaluate(theta, logits)
+        if gap > tolerance and refinable and not objective.precise and _stalled(gaps + [gap]):
+            # float32 products put a floor under the gap (about ‖rounding‖²/α): from here on every kernel
+            # product accumulates in float64, and the Newton steps converge as on a float64 kernel
+            objective.precise, refined_at = True, iteration
+            logits = objective.logits(theta)
+            value, probabilities, gradient, preconditioner, direction, gap = evaluate(theta, logits)
+        history.append(value)
+        gaps.append(gap)
+        if progress is not None:
+            progress(iteration, value)
         if gap <= tolerance or iteration == max_iter:
+            break
+        if len(gaps) > 3 and min(gaps[-3:]) >= gaps[-4] and (objective.precise or not refinable):
+            stalled = True  # three steps without progress at float64 accumulation: rounding sets the gap
             break
         step, logit_step = _newton_step(objective, probabilities, preconditioner, gradient, direction, min(0.5, math.sqrt(gap)), max_cg)
         slope = float((gradient * step).sum())
@@ -373,8 +402,17 @@ def _solve(
         "kernel_passes": kernel.passes,
         "rank": int(eigenvalues.numel()),
         "warm_start": warm,
+        "precision": "float64" if objective.precise or not refinable else "float32",
+        "refined_at": refined_at,
+        "stalled": stalled,
     }
     return theta, history, record
+
+
+def _stalled(gaps: list[float]) -> bool:
+    """Whether the last Newton step, taken close to the optimum (where each step shrinks the estimated gap by
+    orders of magnitude), shrank it less than tenfold: rounding errors, not the problem, set the gap there."""
+    return len(gaps) >= 2 and gaps[-2] < 1e-4 and gaps[-1] > 0.1 * gaps[-2]
 
 
 class KernelSurrogate(L.LightningModule):
@@ -647,9 +685,13 @@ def fit_from_kernel(
     ``fit_record`` holds ``objective`` (the final objective, accumulated in float64), ``iterations``,
     ``gap`` (the estimated relative distance to the optimum's objective, from the Newton decrement),
     ``gradient_norm`` (relative to the gradient at ``W = 0, b = 0``), ``converged`` (``gap ≤ tolerance``),
-    ``kernel_passes`` (products with the kernel, the bulk of the cost), ``rank`` (eigenvectors used)
-    and ``warm_start`` (whether ``init`` was used: a start whose objective is above that of zero weights is
-    dropped, e.g. a previous solution that is confidently wrong on a kernel that changed much).
+    ``kernel_passes`` (products with the kernel, the bulk of the cost), ``rank`` (eigenvectors used),
+    ``warm_start`` (whether ``init`` was used: a start whose objective is above that of zero weights is
+    dropped, e.g. a previous solution that is confidently wrong on a kernel that changed much),
+    ``precision`` (``"float64"`` when the last steps' kernel products accumulated in float64),
+    ``refined_at`` (the step from which a float32 kernel's products were accumulated in float64, because
+    their rounding had stopped the gap from shrinking; None if never) and ``stalled`` (the gap stopped
+    shrinking even in float64: the tolerance is below what the data's rounding allows).
     """
     train_kernel = _fitting_tensor(train_kernel)
     if train_kernel.ndim != 2 or train_kernel.shape[0] != train_kernel.shape[1] or train_kernel.shape[0] == 0:

@@ -268,7 +268,9 @@ def test_fit_record_history_and_progress(digits, capsys):
     calls = []
     surrogate = fit_from_kernel(k, y, progress=lambda iteration, value: calls.append((iteration, value)), tolerance=1e-9)
     record = surrogate.fit_record
-    assert set(record) == {"objective", "iterations", "gap", "gradient_norm", "converged", "kernel_passes", "rank", "warm_start"}
+    assert set(record) == {"objective", "iterations", "gap", "gradient_norm", "converged", "kernel_passes", "rank", "warm_start", "precision",
+                           "refined_at", "stalled"}
+    assert record["precision"] == "float32" and record["refined_at"] is None and not record["stalled"]
     assert record["converged"] is True and record["gap"] <= 1e-9 and record["gradient_norm"] < 1e-5
     assert 0 < record["rank"] <= 64 and record["kernel_passes"] >= 2 + 2 * record["iterations"]
     assert [i for i, _ in calls] == list(range(record["iterations"] + 1))
@@ -399,3 +401,28 @@ def test_query_features_computed_differently_are_refused(digits):
     by_kernel = fit_from_kernel(ln.kernel_from_features(featurizer(x)), y, spec=featurizer.spec(), max_iter=2)
     with pytest.raises(ValueError, match="projection_dim: 32 \\(training: 64\\)"):
         by_kernel.predict(torch.zeros(2, 60), spec=ln.Featurizer(net, projection_dim=32, seed=0).spec())
+
+
+def test_float32_rounding_floor_is_passed_in_float64(digits):
+    """A kernel whose entries are all close to 1 (a strong common component, as early in training), at a small α:
+    float32 products leave the gap stuck above the tolerance (seen: 100 Newton steps at a gap of 5e-9). The
+    solver notices that its steps stopped shrinking the gap, finishes in float64, and reaches the float64
+    kernel's optimum, both objectives evaluated by hand in numpy."""
+    alpha, y = 1e-6, digits["y_train"]
+    kernel = 0.05 * digits["k_train"].double() + 0.95
+    single, double = fit_from_kernel(kernel.float(), y, alpha=alpha), fit_from_kernel(kernel, y, alpha=alpha)
+    assert double.converged and double.fit_record["refined_at"] is None and double.fit_record["precision"] == "float64"
+    record = single.fit_record
+    assert single.converged and record["refined_at"] is not None and record["precision"] == "float64", record
+    assert record["iterations"] <= double.fit_record["iterations"] + 5 and not record["stalled"]
+    k = kernel.float().double().numpy()  # the problem the float32 fit was given
+    values = [objective(k, y.numpy(), *parameters(s), alpha=alpha) for s in (single, double)]
+    assert values[0] == pytest.approx(values[1], rel=1e-9)  # stuck in float32 it stayed 1.3e-8 above
+
+
+def test_tolerance_below_rounding_stops_when_steps_stop_helping(digits):
+    k, y = digits["k_train"][:300, :300], digits["y_train"][:300]
+    for kernel in (k.double(), k.float()):
+        surrogate = fit_from_kernel(kernel, y, tolerance=1e-30)
+        record = surrogate.fit_record
+        assert record["stalled"] and not surrogate.converged and record["iterations"] < 25 and record["gap"] < 1e-15, record
