@@ -21,10 +21,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
 from . import __version__
@@ -128,13 +129,43 @@ def _class_indices(labels: Any, name: str) -> torch.Tensor:
     return y.long()
 
 
+class TensorExamples(Dataset):
+    """The examples of ``(inputs, labels)`` given as whole tensors: ``inputs`` a tensor or a dict of tensors
+    (keyword inputs, e.g. ``input_ids`` and ``attention_mask``), each example ``(inputs[i], labels[i])``."""
+
+    def __init__(self, inputs: Any, labels: torch.Tensor):
+        sizes = {t.shape[0] for t in tree_flatten((inputs, labels))[0] if isinstance(t, torch.Tensor)}
+        if len(sizes) != 1:
+            raise ValueError(f"The inputs and labels hold different numbers of examples ({sorted(sizes)}): pass one label per example.")
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Any, torch.Tensor]:
+        return tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) else t, self.inputs), self.labels[index]
+
+
+def _tensor_pair(name: str, source: tuple | list) -> TensorExamples:
+    """``(inputs, labels)`` as examples; numpy arrays become tensors, anything else is refused in words."""
+    inputs, labels = tree_map(lambda t: torch.as_tensor(t) if isinstance(t, np.ndarray) else t, tuple(source))
+    leaves = tree_flatten(inputs)[0]
+    if not (isinstance(labels, torch.Tensor) and leaves and all(isinstance(t, torch.Tensor) for t in leaves) and isinstance(inputs, (torch.Tensor, dict))):
+        raise TypeError(
+            f"The {name} set given as a pair must be (inputs, labels): the inputs a tensor or a dict of tensors (keyword inputs), "
+            f"the labels a tensor of class indices; got ({type(source[0]).__name__}, {type(source[1]).__name__}). Or pass a Dataset or DataLoader."
+        )
+    return TensorExamples(inputs, labels)
+
+
 def example_set(name: str, source: Any, limit: int | None = None, seed: int = 0) -> ExampleSet:
     """A seeded subset of at most ``limit`` examples of ``source``: a map-style Dataset, a DataLoader
-    (its dataset and collate function) or a tuple of tensors ``(inputs, labels)``."""
+    (its dataset and collate function) or ``(inputs, labels)`` tensors, the inputs a tensor or a dict of
+    tensors."""
     if isinstance(source, DataLoader):
         dataset, collate_fn = source.dataset, source.collate_fn
-    elif isinstance(source, (tuple, list)) and source and all(isinstance(t, torch.Tensor) for t in source):
-        dataset, collate_fn = TensorDataset(*source), default_collate
+    elif isinstance(source, (tuple, list)) and len(source) == 2 and isinstance(source[1], (torch.Tensor, np.ndarray)):
+        dataset, collate_fn = _tensor_pair(name, source), default_collate
     else:
         dataset, collate_fn = source, default_collate
     if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):

@@ -83,3 +83,27 @@ def test_unknown_kind_and_projector():
         ln.exact_kernel(mlp(), torch.randn(3, 6), kind="rbf")
     with pytest.raises(ValueError, match="Unknown projector"):
         ln.project_features(mlp(), torch.randn(3, 6), projector="sparse")
+
+
+def test_pipeline_takes_keyword_inputs_and_numpy_as_an_inputs_labels_pair():
+    """(dict of tensors, labels) runs as the same examples given as a dataset; numpy pairs as tensor pairs;
+    anything else given as a pair is refused with the accepted forms named."""
+    from models import DictModel, dict_inputs
+
+    model, x = DictModel(), dict_inputs(40)
+    x["extra"] = x["extra"].float()
+    y = torch.randint(0, 2, (40,), generator=torch.Generator().manual_seed(0))
+    examples = [({k: v[i] for k, v in x.items()}, y[i]) for i in range(40)]
+    pipeline = ln.FidelityPipeline(model, "proj_trntk", {"dim": 32})
+    paired, listed = pipeline.run((x, y), (x, y)), pipeline.run(examples, examples)
+    torch.testing.assert_close(paired.features.reference_features, listed.features.reference_features)
+    assert paired.record.kendall_tau == listed.record.kendall_tau and paired.record.num_train == 40
+
+    plain = ln.FidelityPipeline(mlp(), "proj_trntk", {"dim": 32})
+    inputs, labels = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    from_numpy = plain.run((inputs.numpy(), labels.numpy()), (inputs.numpy(), labels.numpy()))
+    torch.testing.assert_close(from_numpy.features.query_features, plain.run((inputs, labels), (inputs, labels)).features.query_features)
+    with pytest.raises(TypeError, match=r"reference set given as a pair must be \(inputs, labels\).*got \(list, Tensor\)"):
+        plain.run((inputs.tolist(), labels), (inputs, labels))
+    with pytest.raises(ValueError, match=r"different numbers of examples \(\[29, 30\]\)"):
+        plain.run((inputs, labels[:29]), (inputs, labels))
