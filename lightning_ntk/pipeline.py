@@ -13,13 +13,14 @@ only what a training run needs (sharding over ranks, logging).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
 from . import __version__
-from .attribution import Attribution, attribute
+from .attribution import Attribution, attribute, suspicious
 from .config import ProjectionConfig, SurrogateConfig
 from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, model_device_dtype, retained_heap, stream_features
 from .jacobian import check_logits, eval_mode, parameter_fingerprint, select_parameters
@@ -250,7 +251,9 @@ class CheckpointRecord:
 @dataclass
 class Checkpoint:
     """One evaluated checkpoint: its record, the fitted surrogate, the features it was fitted on, and
-    the query kernel rows and surrogate logits it was scored with."""
+    the query kernel rows and surrogate logits it was scored with. ``weights``: the network's state when
+    it was computed, on the CPU, if kept (:meth:`FidelityPipeline.keep_weights`), so that new inputs can
+    be attributed with it after the network has moved on."""
 
     record: CheckpointRecord
     surrogate: KernelSurrogate
@@ -258,6 +261,7 @@ class Checkpoint:
     spec: FeatureSpec
     query_rows: torch.Tensor
     surrogate_logits: torch.Tensor
+    weights: dict[str, torch.Tensor] | None = None
 
 
 def _fidelity_warning(features: CheckpointFeatures, surrogate_logits: torch.Tensor, fidelity: dict[str, float]) -> str:
@@ -490,21 +494,64 @@ class FidelityPipeline:
         return checkpoint
 
     # -- attribute ---------------------------------------------------------------------------------
-    def attribute(self, checkpoint: Checkpoint, inputs: Any, top_k: int = 5, target: Any = None) -> Attribution:
-        """Explain the network's predictions on model ``inputs`` with the checkpoint's surrogate:
-        proponents, opponents and most similar examples, as positions in the reference dataset. The
-        network must still hold the weights the checkpoint was computed with."""
+    def keep_weights(self, checkpoint: Checkpoint) -> Checkpoint:
+        """The checkpoint with a CPU copy of the network's current state (parameters and buffers), which
+        must be the state it was computed with."""
+        self._check_state(checkpoint)
+        return dataclasses.replace(checkpoint, weights={k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()})
+
+    def _check_state(self, checkpoint: Checkpoint) -> None:
         with torch.inference_mode(False), torch.enable_grad():
-            spec = self.spec()
-            if spec != checkpoint.spec:
+            if self.spec() != checkpoint.spec:
                 raise ValueError(
-                    "The model changed since the surrogate was fitted: attribution needs the weights the features were "
-                    "computed with. Attribute right after the checkpoint (e.g. after trainer.fit with at_fit_end=True)."
+                    "The model changed since the surrogate was fitted: attribution needs the weights the features were computed "
+                    "with. Attribute right after the checkpoint (e.g. after trainer.fit with at_fit_end=True), or keep the "
+                    "checkpoint's weights with keep_weights()."
                 )
-            features = self.features(differentiable(inputs))
-        rows = kernel_from_features(features, checkpoint.features.reference_features, normalize=self.kernel.normalized,
-                                    product_precision=self.product_precision)
-        result = attribute(checkpoint.surrogate, query_kernel=rows, top_k=top_k, target=target)
-        indices = checkpoint.features.reference_indices
+
+    @contextlib.contextmanager
+    def _state_of(self, checkpoint: Checkpoint) -> Iterator[None]:
+        """The network in the state the checkpoint was computed with meanwhile: as it is, or loaded from the
+        checkpoint's kept weights and restored afterwards, bit for bit."""
+        if checkpoint.weights is None or self.spec() == checkpoint.spec:
+            self._check_state(checkpoint)
+            yield
+            return
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        try:
+            with torch.no_grad():
+                self.model.load_state_dict(checkpoint.weights)
+            self._check_state(checkpoint)
+            yield
+        finally:
+            with torch.no_grad():
+                self.model.load_state_dict(current)
+
+    def attribute(self, checkpoints: Checkpoint | Sequence[Checkpoint], inputs: Any, top_k: int = 5, target: Any = None,
+                  method: str = "influence") -> Attribution:
+        """Explain the network's predictions on model ``inputs``: the training examples whose removal would
+        most lower (proponents) or raise (opponents) the margin of the network's predicted class (or of
+        ``target``), as positions in the reference dataset, and the most similar ones; ``method`` as in
+        :func:`~lightning_ntk.attribution.attribute`.
+
+        Several checkpoints (of one training run, over the same reference examples) make an ensemble: the
+        inputs are featurized with each one's network state and the scores averaged. The network must hold
+        each checkpoint's state, or the checkpoint must keep its weights (:meth:`keep_weights`)."""
+        members = [checkpoints] if isinstance(checkpoints, Checkpoint) else list(checkpoints)
+        indices = members[-1].features.reference_indices
+        if any(not torch.equal(torch.as_tensor(m.features.reference_indices), torch.as_tensor(indices)) for m in members):
+            raise ValueError("The checkpoints of an ensemble must share their reference examples (the same subset of one dataset).")
+        rows = []
+        for checkpoint in members:
+            with torch.inference_mode(False), torch.enable_grad(), self._state_of(checkpoint):
+                features, network_logits = self.features(differentiable(inputs), with_logits=True)
+            rows.append(kernel_from_features(features, checkpoint.features.reference_features, normalize=self.kernel.normalized,
+                                             product_precision=self.product_precision))
+        result = attribute([m.surrogate for m in members], query_kernel=rows, top_k=top_k, target=target, network_logits=network_logits, method=method)
         return dataclasses.replace(result, **{f"{kind}_indices": indices[getattr(result, f"{kind}_indices")] for kind in ("proponent", "opponent", "similar")})
 
+    def suspicious(self, checkpoint: Checkpoint, top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``top_k`` reference examples most likely mislabelled, as positions in the reference dataset,
+        with their scores: the surrogate's loss on each (see :func:`~lightning_ntk.attribution.suspicious`)."""
+        positions, losses = suspicious(checkpoint.surrogate, top_k)
+        return torch.as_tensor(checkpoint.features.reference_indices)[positions], losses

@@ -25,6 +25,7 @@ kernel products in float64 and converge as on a float64 kernel.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import lightning as L
@@ -88,11 +89,16 @@ class _CrossEntropy:
 
     def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean loss and the probabilities at float64 ``logits``."""
+        losses, probabilities = self.per_example(logits)
+        return losses.mean(), probabilities
+
+    def per_example(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each example's loss and probabilities at float64 ``logits``."""
         if self.multinomial:
             log_p = logits.log_softmax(1)
-            return -(log_p * self.targets).sum(1).mean(), log_p.exp()
+            return -(log_p * self.targets).sum(1), log_p.exp()
         losses = F.binary_cross_entropy_with_logits(logits, self.targets, weight=self.weights, reduction="none")
-        return losses.sum(1).mean(), torch.sigmoid(logits)
+        return losses.sum(1), torch.sigmoid(logits)
 
     def _weighted(self, values: torch.Tensor) -> torch.Tensor:
         return values if self.weights is None else self.weights * values
@@ -166,6 +172,10 @@ class _KernelOperator:
         x = x.to(self.values.dtype)
         product = self.values @ (self.values.T @ x) if self.factored else self.values @ x
         return product.double()
+
+    def diagonal(self) -> torch.Tensor:
+        """The kernel's diagonal, ``κ(x_i, x_i)``, in float64."""
+        return self.values.double().pow(2).sum(1) if self.factored else self.values.diagonal().double()
 
     def exact(self, x: torch.Tensor, block_elements: int = 1 << 24) -> torch.Tensor:
         if self.values.dtype == torch.float64:
@@ -272,6 +282,35 @@ def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
     raise FloatingPointError("No Cholesky factor of the surrogate's Hessian: it is not symmetric.")
 
 
+@dataclass
+class Curvature:
+    """The surrogate's objective around its optimum, as counterfactual attribution needs it (see
+    :func:`lightning_ntk.attribution.attribute`); kept from the fit's last step, so that attribution costs
+    no pass over the training kernel.
+
+    ``basis`` ``[N, r]`` and ``eigenvalues`` ``[r]``: the training kernel's top eigenpairs (those the solver
+    found, ``preconditioner_rank`` of them);
+    ``hessian_factor``: the Cholesky factor of the objective's Hessian on ``[basis, bias] ⊗ outputs``
+    (``[(r + 1)·C]²``, width-major, as :meth:`_CrossEntropy.subspace_hessian` lays it out); ``residuals``
+    ``[N, C]``: each training example's loss gradient with respect to its logits (class-weighted for
+    ``ovr``); ``losses`` ``[N]``: its loss; ``kernel_diagonal`` ``[N]``: ``κ(x_j, x_j)``. Elsewhere than on
+    the basis, the Hessian is taken as ``α``.
+    """
+
+    basis: torch.Tensor
+    eigenvalues: torch.Tensor
+    hessian_factor: torch.Tensor
+    residuals: torch.Tensor
+    losses: torch.Tensor
+    kernel_diagonal: torch.Tensor
+
+    def to(self, device: str | torch.device) -> "Curvature":
+        return Curvature(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 def _newton_step(
     objective: _Objective, probabilities: torch.Tensor, preconditioner: _Preconditioner, gradient: torch.Tensor,
     direction: torch.Tensor, forcing: float, max_cg: int,
@@ -327,15 +366,15 @@ def _solve(
     rank: int,
     progress: Callable[[int, float], None] | None,
     max_cg: int = 50,
-) -> tuple[torch.Tensor, list[float], dict[str, Any]]:
+) -> tuple[torch.Tensor, list[float], dict[str, Any], Curvature]:
     """Minimise the objective from ``θ = [W; b]`` by preconditioned Newton-CG. Returns the solution,
-    the objective at each iterate and the fit record."""
+    the objective at each iterate, the fit record and the curvature at the solution."""
     kernel, loss = objective.kernel, objective.loss
-    basis, eigenvalues = _top_eigenpairs(kernel, rank)
-    # directions whose loss curvature (≤ λ²/N) stays below α need no special treatment
-    useful = eigenvalues.square() >= objective.alpha * kernel.size
+    top_basis, top_eigenvalues = _top_eigenpairs(kernel, rank)
+    # directions whose loss curvature (≤ λ²/N) stays below α need no special treatment by the solver
+    useful = top_eigenvalues.square() >= objective.alpha * kernel.size
     useful[0] = True
-    basis, eigenvalues = basis[:, useful], eigenvalues[useful]
+    basis, eigenvalues = top_basis[:, useful], top_eigenvalues[useful]
 
     zero = torch.zeros_like(theta)
     zero_value, zero_probabilities = loss(zero[:-1])
@@ -391,8 +430,12 @@ def _solve(
         theta, logits = new_theta, new_logits
 
     # the final objective with float64 accumulation (the iterates' logits carry the kernel's rounding)
-    value, _ = loss(kernel.exact(theta[:-1]) + theta[-1])
-    history[-1] = float(value) + objective.penalty(theta)
+    losses, probabilities = loss.per_example(kernel.exact(theta[:-1]) + theta[-1])
+    history[-1] = float(losses.mean()) + objective.penalty(theta)
+    curvature = Curvature(  # on every eigenvector found: attribution needs those of small eigenvalues too
+        top_basis, top_eigenvalues, _Preconditioner(top_basis, top_eigenvalues, objective, probabilities).factor,
+        loss.residual(probabilities) * kernel.size, losses, kernel.diagonal(),
+    )
     record = {
         "objective": history[-1],
         "iterations": len(history) - 1,
@@ -406,7 +449,7 @@ def _solve(
         "refined_at": refined_at,
         "stalled": stalled,
     }
-    return theta, history, record
+    return theta, history, record, curvature
 
 
 def _stalled(gaps: list[float]) -> bool:
@@ -434,8 +477,9 @@ class KernelSurrogate(L.LightningModule):
     :class:`FeatureSpec` of the training kernel's features, checked against queries that state theirs.
 
     After fitting, ``history`` holds the training objective at each solver iterate, ``converged``
-    whether the stopping tolerance was met, and ``fit_record`` the final objective, iterations,
-    optimality measures and cost (see :func:`fit_from_kernel`); checkpoints keep all three.
+    whether the stopping tolerance was met, ``fit_record`` the final objective, iterations,
+    optimality measures and cost (see :func:`fit_from_kernel`), and ``curvature`` the objective around
+    its optimum (:class:`Curvature`, for counterfactual attribution); checkpoints keep all four.
     """
 
     def __init__(
@@ -467,6 +511,7 @@ class KernelSurrogate(L.LightningModule):
         self.spec = FeatureSpec(**spec) if spec is not None else None
         self.history: list[float] = []
         self.fit_record: dict[str, Any] = {}
+        self.curvature: Curvature | None = None  # set by the fit
 
     @property
     def converged(self) -> bool:
@@ -520,11 +565,13 @@ class KernelSurrogate(L.LightningModule):
         self.log("surrogate/test_acc", (predictions(logits) == labels).float().mean(), batch_size=len(labels))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["surrogate_fit"] = {"history": list(self.history), "record": dict(self.fit_record)}
+        curvature = None if self.curvature is None else self.curvature.state()
+        checkpoint["surrogate_fit"] = {"history": list(self.history), "record": dict(self.fit_record), "curvature": curvature}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         fit = checkpoint.get("surrogate_fit", {})
         self.history, self.fit_record = list(fit.get("history", [])), dict(fit.get("record", {}))
+        self.curvature = Curvature(**fit["curvature"]) if fit.get("curvature") is not None else None
 
     # -- inference ---------------------------------------------------------------------------------
     def check_kernel_rows(self, kernel_rows: torch.Tensor, spec: FeatureSpec | None = None) -> None:
@@ -642,13 +689,14 @@ def _fit(
     warm = init is not None and tuple(init.weight.shape) == tuple(surrogate.weight.shape)
     start = init if warm else surrogate
     theta = torch.cat([start.weight.detach().T, start.bias.detach()[None]]).to(solve_on, torch.float64)
-    theta, history, record = _solve(objective, theta, tolerance=tolerance, max_iter=max_iter, rank=preconditioner_rank, progress=progress)
+    theta, history, record, curvature = _solve(objective, theta, tolerance=tolerance, max_iter=max_iter, rank=preconditioner_rank, progress=progress)
     if values.dtype == torch.float64:  # float64 data gives a float64 surrogate
         surrogate.double()
     with torch.no_grad():
         surrogate.weight.copy_(theta[:-1].T)
         surrogate.bias.copy_(theta[-1])
     surrogate.history, surrogate.fit_record = history, record
+    surrogate.curvature = curvature.to("cpu")
     return surrogate
 
 
