@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import dashboards
-from .attribution import Attribution, attribute
+from .attribution import Attribution, attribute, suspicious
 from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig
 from .featurize import retained_heap
 from .metrics import predictions
@@ -99,6 +99,10 @@ class NTKAttributionCallback(L.Callback):
         module: name of the submodule that returns the logits (default: the LightningModule itself).
         params, layers, task, memory_budget: passed to the pipeline (:class:`FidelityPipeline`).
         top_k, table_examples, image_shape: attributions logged per checkpoint (``top_k=0``: none).
+        ensemble: how many checkpoints, spread over the run, attributions average their scores over (the
+            first, the latest and evenly spaced ones between; 1: the latest only). Averaging over checkpoints
+            predicts retraining better than the last one alone; each kept checkpoint holds its surrogate, its
+            query kernel rows and a CPU copy of the network's weights (for :meth:`attribute` on new inputs).
         name: tells several callbacks of one Trainer apart: their states in Lightning checkpoints, and
             their logged metrics (``ntk/<name>/...`` instead of ``ntk/...``).
     """
@@ -122,6 +126,7 @@ class NTKAttributionCallback(L.Callback):
         top_k: int = 5,
         table_examples: int = 8,
         image_shape: list[int] | None = None,
+        ensemble: int = 4,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         name: str | None = None,
     ):
@@ -139,6 +144,9 @@ class NTKAttributionCallback(L.Callback):
         for option, value in (("top_k", top_k), ("table_examples", table_examples)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{option} must be an integer ≥ 0 (0 turns attributions off), got {value!r}.")
+        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+            raise ValueError(f"ensemble must be a positive integer (1: the latest checkpoint only), got {ensemble!r}.")
+        self.ensemble = ensemble
         self.every_n_epochs, self.epochs, self.at_fit_end = every_n_epochs, set(epochs or ()), at_fit_end
         self.train_data, self.query_data = train_data, query_data
         self.module, self.params, self.layers, self.task = module, params, layers, task or Task()
@@ -152,6 +160,7 @@ class NTKAttributionCallback(L.Callback):
         self._history: list[CheckpointRecord] = []
         self.pipeline: FidelityPipeline | None = None
         self._last: Checkpoint | None = None
+        self._kept: list[Checkpoint] = []  # rank 0: the checkpoints attributions average over, the latest last
         self._store: FeatureStore | None = None
         self._reference: ExampleSet | None = None
         self._query: ExampleSet | None = None
@@ -187,7 +196,7 @@ class NTKAttributionCallback(L.Callback):
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":  # a new fit starts a new history; a resumed one gets its own back in load_state_dict
-            self._history, self._last, self._resumed = [], None, None
+            self._history, self._last, self._kept, self._resumed = [], None, [], None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Resolve the model and the data, and check everything that can fail before training does."""
@@ -239,14 +248,14 @@ class NTKAttributionCallback(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and os.getpid() != self._creator and trainer.is_global_zero:  # a spawned process: hand back
-            torch.save({"history": self._history, "last": self._last, "pipeline": self.pipeline}, self._handoff)
+            torch.save({"history": self._history, "last": self._last, "kept": self._kept, "pipeline": self.pipeline}, self._handoff)
 
     def _take_handoff(self) -> None:
         """In the process that built the callback, take over what a spawned rank 0 handed back."""
         if os.getpid() == self._creator and self._handoff.exists():
             state = torch.load(self._handoff, weights_only=False)
             self._handoff.unlink()
-            self._history, self._last, self.pipeline = state["history"], state["last"], state["pipeline"]
+            self._history, self._last, self._kept, self.pipeline = state["history"], state["last"], state["kept"], state["pipeline"]
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [row.to_dict() for row in self._history], "options": self._options()}
@@ -280,9 +289,12 @@ class NTKAttributionCallback(L.Callback):
             )
 
     # -- attribution queries -----------------------------------------------------------------------
-    def attribute(self, batch: Any, top_k: int = 5, target: torch.Tensor | None = None) -> Attribution:
-        """Explain the network's predictions on ``batch`` (a batch as the data loaders yield it, or
-        model inputs) with the latest surrogate. Indices are positions in the reference dataset."""
+    def attribute(self, batch: Any, top_k: int = 5, target: torch.Tensor | None = None, method: str = "influence") -> Attribution:
+        """Explain the network's predictions on ``batch`` (a batch as the data loaders yield it, or model
+        inputs): the reference examples whose removal would most lower (proponents) or raise (opponents) the
+        margin of the network's predicted class (or of ``target``), averaged over the kept checkpoints
+        (``ensemble``), as positions in the reference dataset; ``method="representer"`` ranks the latest
+        surrogate's logit contributions instead."""
         self._take_handoff()
         if isinstance(batch, list) and all(isinstance(t, torch.Tensor) for t in batch) and not _is_inputs_and_labels(batch):
             raise TypeError(
@@ -294,8 +306,17 @@ class NTKAttributionCallback(L.Callback):
                 "NTKAttributionCallback has no surrogate yet: it is fitted at the first scheduled checkpoint (on rank 0 "
                 "under DDP). Call attribute() after trainer.fit with at_fit_end=True or a scheduled epoch."
             )
+        members = self._kept if method == "influence" else [self._last]
         with preserved_training_state(self.pipeline.model):
-            return self.pipeline.attribute(self._last, self.task.get_inputs(batch), top_k, target)
+            return self.pipeline.attribute(members, self.task.get_inputs(batch), top_k, target, method)
+
+    def suspicious(self, top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``top_k`` reference examples most likely mislabelled at the latest checkpoint (positions in the
+        reference dataset) and their scores, the surrogate's loss on each (see :func:`lightning_ntk.attribution.suspicious`)."""
+        self._take_handoff()
+        if self._last is None:
+            raise RuntimeError("NTKAttributionCallback has no surrogate yet: it is fitted at the first scheduled checkpoint.")
+        return self.pipeline.suspicious(self._last, top_k)
 
     # -- internals ---------------------------------------------------------------------------------
     def _logits_module(self, pl_module: L.LightningModule) -> nn.Module:
@@ -361,7 +382,8 @@ class NTKAttributionCallback(L.Callback):
                 with _fit_progress(trainer, self.surrogate_config.max_iter) as progress:
                     self._last = pipeline.evaluate(CheckpointFeatures.from_arrays(stored), spec, self._last, epoch=epoch, step=trainer.global_step,
                                                    featurize_seconds=seconds, store_reused=reused, progress=progress)
-                media[:] = [pipeline.fidelity_scores(self._last), self._attribution_table(trainer)]
+                self._kept = _spread(self._kept + [pipeline.keep_weights(self._last) if self.ensemble > 1 else self._last], self.ensemble)
+                media[:] = [pipeline.fidelity_scores(self._last), self._attribution_table(trainer), self._suspicious_table(trainer)]
                 return self._last.record
 
             record = _on_rank_zero(trainer, evaluate)
@@ -375,30 +397,51 @@ class NTKAttributionCallback(L.Callback):
         dashboards.log_scalars(trainer.loggers, record, self.prefix)
         if trainer.is_global_zero:
             for run in dashboards.wandb_runs(trainer.loggers):
-                dashboards.log_checkpoint_media(run, self._history, *media[0], table=media[1], prefix=self.prefix)
+                dashboards.log_checkpoint_media(run, self._history, *media[0], table=media[1], suspicious=media[2], prefix=self.prefix)
             dashboards.log_history_plots(trainer.loggers, self._history, self.prefix)
 
     def _attribution_table(self, trainer: L.Trainer) -> Any:
-        """The W&B table of the first query examples with their top-k proponents and opponents."""
+        """The W&B table of the first query examples with their top-k proponents and opponents for the class
+        the network predicted, averaged over the kept checkpoints (their stored query kernel rows)."""
         if not (self.top_k and self.table_examples and dashboards.wandb_runs(trainer.loggers)):
             return None
         checkpoint, reference, query = self._last, self._reference, self._query
         positions = torch.arange(min(self.table_examples, len(query)))
-        result = attribute(checkpoint.surrogate, query_kernel=checkpoint.query_rows[positions], top_k=min(self.top_k, len(reference)))
-        ranked = {
-            kind: (
-                reference.indices[getattr(result, f"{kind}_indices")],
-                getattr(result, f"{kind}_scores"),
-                reference.inputs(getattr(result, f"{kind}_indices"), self.task),
-                reference.labels[getattr(result, f"{kind}_indices").flatten()],
-            )
-            for kind in ("proponent", "opponent")
-        }
+        network_logits = checkpoint.features.query_logits[positions]
+        result = attribute([c.surrogate for c in self._kept], query_kernel=[c.query_rows[positions] for c in self._kept],
+                           network_logits=network_logits, top_k=min(self.top_k, len(reference)))
+        ranked = {kind: self._reference_examples(getattr(result, f"{kind}_indices"), getattr(result, f"{kind}_scores")) for kind in ("proponent", "opponent")}
         predicted = [predictions(logits[positions]) for logits in (checkpoint.features.query_logits, checkpoint.surrogate_logits)]
         return dashboards.attribution_table(
             query.indices[positions], query.inputs(positions, self.task), query.labels[positions], *predicted, ranked, self.image_shape,
-            self.task.text,
+            self.task.text, explained=result.target, method=f"{result.method} over {len(self._kept)} checkpoint(s)",
         )
+
+    def _suspicious_table(self, trainer: L.Trainer) -> Any:
+        """The W&B table of the reference examples most likely mislabelled at this checkpoint."""
+        if not (self.top_k and self.table_examples and dashboards.wandb_runs(trainer.loggers)):
+            return None
+        positions, losses = suspicious(self._last.surrogate, min(self.table_examples, len(self._reference)))
+        indices, scores, inputs, labels = self._reference_examples(positions[None], losses[None])
+        return dashboards.suspicious_table(indices[0], inputs, labels, scores[0], self.image_shape, self.task.text)
+
+    def _reference_examples(self, positions: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
+        """Positions ``[M, k]`` of the reference subset as dataset indices, with their scores, inputs and labels."""
+        reference = self._reference
+        return reference.indices[positions], scores, reference.inputs(positions, self.task), reference.labels[positions.flatten()]
+
+
+def _spread(checkpoints: list[Checkpoint], size: int) -> list[Checkpoint]:
+    """At most ``size`` of the checkpoints, spread over the run: while there are too many, the one between the
+    two closest neighbours goes (never the first or the latest; with ``size`` 1, only the latest stays)."""
+    checkpoints = list(checkpoints)
+    while len(checkpoints) > size:
+        if size == 1:
+            return checkpoints[-1:]
+        epochs = [c.record.epoch or 0 for c in checkpoints]
+        drop = min(range(1, len(checkpoints) - 1), key=lambda i: epochs[i + 1] - epochs[i - 1])
+        del checkpoints[drop]
+    return checkpoints
 
 
 @contextlib.contextmanager

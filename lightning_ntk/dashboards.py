@@ -119,17 +119,24 @@ def attribution_table(
     ranked: dict[str, tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]],
     image_shape: Sequence[int] | None = None,
     text: Callable[[Any], str | None] | None = None,
+    explained: torch.Tensor | None = None,
+    method: str = "",
 ) -> Any:
     """A ``wandb.Table`` with one row per query example: the example, its label, both models'
-    predictions, and for each ranking in ``ranked`` (e.g. ``proponent``/``opponent`` → training
-    indices ``[M, k]``, scores ``[M, k]``, the training inputs ``[M·k, ...]`` and labels ``[M·k]``)
-    the top-k training examples with their scores. Examples are shown as :func:`render_examples` does."""
+    predictions, the class the scores explain (``explained``) and how they were computed (``method``), and
+    for each ranking in ``ranked`` (e.g. ``proponent``/``opponent`` → training indices ``[M, k]``, scores
+    ``[M, k]``, the training inputs ``[M·k, ...]`` and labels ``[M·k]``) the top-k training examples with
+    their scores. Examples are shown as :func:`render_examples` does."""
     import wandb
 
     m = len(query_indices)
-    columns = ["query_index", "input", "label", "network_prediction", "surrogate_prediction"]
+    explained = network_predictions if explained is None else explained
+    columns = ["query_index", "input", "label", "network_prediction", "surrogate_prediction", "explained_class", "method"]
     query_cells = render_examples(query_inputs, [f"#{int(i)} label {int(y)}" for i, y in zip(query_indices, query_labels)], image_shape, text)
-    rows = [[int(query_indices[r]), query_cells[r], int(query_labels[r]), int(network_predictions[r]), int(surrogate_predictions[r])] for r in range(m)]
+    rows = [
+        [int(query_indices[r]), query_cells[r], int(query_labels[r]), int(network_predictions[r]), int(surrogate_predictions[r]), int(explained[r]), method]
+        for r in range(m)
+    ]
     for name, (indices, scores, inputs, labels) in ranked.items():
         k = indices.shape[1]
         captions = [f"#{int(i)} label {int(y)} {float(s):+.3g}" for i, y, s in zip(indices.flatten(), labels, scores.flatten())]
@@ -144,6 +151,19 @@ def attribution_table(
     return wandb.Table(columns=columns, data=rows)
 
 
+def suspicious_table(
+    indices: torch.Tensor, inputs: Any, labels: torch.Tensor, scores: torch.Tensor,
+    image_shape: Sequence[int] | None = None, text: Callable[[Any], str | None] | None = None,
+) -> Any:
+    """A ``wandb.Table`` of training examples that may be mislabelled: index, example, label and score
+    (the surrogate's loss on it), most suspicious first."""
+    import wandb
+
+    cells = render_examples(inputs, [f"#{int(i)} label {int(y)} loss {float(s):.3g}" for i, y, s in zip(indices, labels, scores)], image_shape, text)
+    rows = [[int(i), cell, int(y), float(s)] for i, cell, y, s in zip(indices, cells, labels, scores)]
+    return wandb.Table(columns=["train_index", "input", "label", "surrogate_loss"], data=rows)
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -154,10 +174,12 @@ def log_checkpoint_media(
     network_scores: torch.Tensor,
     surrogate_scores: torch.Tensor,
     table: Any | None = None,
+    suspicious: Any | None = None,
     prefix: str = PREFIX,
 ) -> None:
-    """Log one checkpoint's media to a W&B run: the attribution table, the probability scatter and
-    the fidelity history so far, at the epoch and step of the latest history row."""
+    """Log one checkpoint's media to a W&B run: the attribution table, the table of possibly mislabelled
+    training examples, the probability scatter and the fidelity history so far, at the epoch and step of
+    the latest history row."""
     import wandb
 
     row = history[-1]
@@ -177,6 +199,8 @@ def log_checkpoint_media(
     }
     if table is not None:
         media[prefix + "attributions"] = table
+    if suspicious is not None:
+        media[prefix + "suspicious"] = suspicious
     run.log(dict(media, epoch=row.epoch, **{"trainer/global_step": row.step}))
 
 

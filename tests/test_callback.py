@@ -79,16 +79,32 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
     assert table["columns"][:5] == ["query_index", "input", "label", "network_prediction", "surrogate_prediction"]
     assert {"proponent_indices", "proponent_3", "proponent_3_score", "opponent_indices", "opponent_1_score"} <= set(table["columns"])
     assert len(table["data"]) == 4
-    # Its proponents are the training examples with the largest W[c, j]·κ(x, x_j) for the predicted class c.
+    # Its proponents are the training examples whose removal would most lower the margin of the class the network
+    # predicted, averaged over the three checkpoints (the default ensemble keeps up to four), each checkpoint's
+    # surrogate refitted here from its stored features.
+    arrays = [stored_checkpoint(wandb_dir, epoch) for epoch in (0, 1, 2)]
+    surrogates = [refit(a) for a in arrays]
+    explained = network_logits[:4].argmax(1)
+    scores = torch.stack([
+        ln.attribute(s, query_kernel=ln.kernel_from_features(a["query_features"][:4], a["reference_features"], product_precision="auto"),
+                     target=explained, return_scores=True).scores
+        for s, a in zip(surrogates, arrays)
+    ]).mean(0)
     columns = {name: i for i, name in enumerate(table["columns"])}
     for r, line in enumerate(table["data"]):
         assert line[columns["query_index"]] == int(stored["query_indices"][r])
-        predicted = int(surrogate_logits[r].argmax())
-        contributions = callback.surrogate.weight.detach()[predicted] * query_rows[r]
-        top = contributions.topk(3)
+        top = scores[r].topk(3)
         assert line[columns["proponent_indices"]] == ", ".join(str(int(stored["reference_indices"][j])) for j in top.indices)
-        assert [line[columns[f"proponent_{k}_score"]] for k in (1, 2, 3)] == pytest.approx(top.values.tolist(), rel=1e-5)
-        assert line[columns["surrogate_prediction"]] == predicted
+        assert [line[columns[f"proponent_{k}_score"]] for k in (1, 2, 3)] == pytest.approx(top.values.tolist(), rel=1e-3)
+        assert line[columns["explained_class"]] == int(explained[r]) == line[columns["network_prediction"]]
+        assert line[columns["surrogate_prediction"]] == int(surrogate_logits[r].argmax())
+        assert line[columns["method"]] == "influence over 3 checkpoint(s)"
+    suspicious = run.media(run.rows("ntk/suspicious")[-1]["ntk/suspicious"]["path"])
+    losses = torch.nn.functional.cross_entropy(surrogates[-1].predict(ln.kernel_from_features(stored["reference_features"], product_precision="auto")).double(),
+                                               stored["reference_labels"], reduction="none")
+    assert suspicious["columns"] == ["train_index", "input", "label", "surrogate_loss"] and len(suspicious["data"]) == 4
+    assert [line[0] for line in suspicious["data"]] == stored["reference_indices"][losses.topk(4).indices].tolist()
+    assert [line[3] for line in suspicious["data"]] == pytest.approx(losses.topk(4).values.tolist(), rel=1e-3)
     assert len(run.rows("ntk/probability_scatter_table")) == 3 and len(run.rows("ntk/fidelity_history_table")) == 3
     charts = run.config["_wandb"]["visualize"]
     assert charts["ntk/probability_scatter"]["panel_config"]["panelDefId"] == "wandb/scatter/v0"
@@ -102,18 +118,36 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
     picture = metrics_file.parent / "ntk_fidelity_history.png"  # loggers without media get the history plot as a PNG
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 5000
 
-    # Attribution queries after training, also from inference-mode tensors, index the training dataset.
+    # Attribution queries after training, also from inference-mode tensors, index the training dataset: each kept
+    # checkpoint's network (its kept weights) featurizes the batch, and the scores are averaged.
     x_batch, y_batch = data.val_set.tensors[0][:5], data.val_set.tensors[1][:5]
     result = callback.attribute((x_batch, y_batch), top_k=3)
-    rows = ln.kernel_from_features(ln.project_features(model, x_batch, "proj_trntk", projection_dim=32, projector="sketch", seed=0), stored["reference_features"])
-    logits = callback.surrogate.predict(rows)
-    contributions = callback.surrogate.weight.detach()[logits.argmax(1)] * rows
-    expected = stored["reference_indices"][contributions.topk(3, dim=1).indices]
-    assert torch.equal(result.proponent_indices, expected)
+    with torch.no_grad():
+        explained = model(x_batch).argmax(1)
+    scores = []
+    for kept, s, a in zip(callback._kept, surrogates, arrays):
+        snapshot = DigitsMLP()
+        snapshot.load_state_dict(kept.weights)
+        rows = ln.kernel_from_features(ln.project_features(snapshot, x_batch, "proj_trntk", projection_dim=32, projector="sketch", seed=0), a["reference_features"])
+        scores.append(ln.attribute(s, query_kernel=rows, target=explained, return_scores=True).scores)
+    expected = stored["reference_indices"][torch.stack(scores).mean(0).topk(3, dim=1).indices]
+    assert torch.equal(result.target, explained) and torch.equal(result.proponent_indices, expected)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trainer.model.state_dict().values()))  # weights put back
     with torch.inference_mode():
         again = callback.attribute((x_batch.clone(), y_batch.clone()), top_k=3)
     assert torch.equal(again.proponent_indices, expected)
     torch.testing.assert_close(again.proponent_scores, result.proponent_scores)
+    # The representer method ranks the latest surrogate's logit contributions W[c, j]·κ(x, x_j).
+    rows = ln.kernel_from_features(ln.project_features(model, x_batch, "proj_trntk", projection_dim=32, projector="sketch", seed=0), stored["reference_features"])
+    contributions = callback.surrogate.weight.detach()[explained] * rows
+    representer = callback.attribute((x_batch, y_batch), top_k=3, method="representer")
+    assert torch.equal(representer.proponent_indices, stored["reference_indices"][contributions.topk(3, dim=1).indices])
+
+
+def refit(arrays):
+    """A checkpoint's surrogate, fitted again from its stored features as the callback fits it."""
+    kernel = ln.kernel_from_features(arrays["reference_features"], product_precision="auto")
+    return ln.fit_from_kernel(kernel, arrays["reference_labels"])
 
 
 def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
@@ -205,7 +239,7 @@ def test_single_logit_binary_network(tmp_path, wandb_dir):
     data = DigitsDataModule(classes=(0, 1))
     data.setup()
     x = data.val_set.tensors[0][:6]
-    result = callback.attribute(x, top_k=3)  # model inputs work as well as batches
+    result = callback.attribute(x, top_k=3, method="representer")  # model inputs work as well as batches
     rows = ln.kernel_from_features(ln.project_features(model, x, "proj_trntk", projection_dim=32, projector="sketch", seed=0), stored["reference_features"])
     sign = torch.where(result.target == 1, 1.0, -1.0)[:, None]
     contributions = sign * callback.surrogate.weight.detach()[0] * rows
