@@ -21,7 +21,7 @@ Mislabel detection: 10% of the training labels flipped, three seeds; training ex
 surrogate's loss on them, by this library's self-influence, by TRAK's self-influence (λ = 100, the best
 λ of the MLP's LDS) and by the network's own loss; AUROC and the share of flipped labels among the top 10%.
 
-    python benchmarks/attribution_quality.py                  # both setups, 100 retrainings each: ~15 minutes on 2 cores
+    python benchmarks/attribution_quality.py                  # both setups, 100 retrainings each: ~20 minutes on 2 cores
     python benchmarks/attribution_quality.py --quick          # small sizes, to check that it runs
 
 Retrainings are kept under ``benchmarks/results/`` and reused by the next run with the same settings.

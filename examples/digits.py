@@ -100,10 +100,13 @@ def main(argv=None) -> list[CheckpointRecord]:
     x, y = data.val_set.tensors[0][:3], data.val_set.tensors[1][:3]
     explained = callback.attribute((x, y))
     train_labels = data.train_set.tensors[1]
-    print("\nTraining examples that push the surrogate towards its prediction (index: label):")
+    print("\nTraining examples whose removal would most lower the network's prediction (index: label):")
     for i in range(len(x)):
         proponents = ", ".join(f"{int(j)}: {int(train_labels[j])}" for j in explained.proponent_indices[i])
-        print(f"  test example {i} (label {int(y[i])}, surrogate predicts {int(explained.target[i])}): {proponents}")
+        print(f"  test example {i} (label {int(y[i])}, network predicts {int(explained.target[i])}): {proponents}")
+    suspects, losses = callback.suspicious(top_k=5)
+    print("\nTraining examples the surrogate fits worst, perhaps mislabelled (index: label): "
+          + ", ".join(f"{int(j)}: {int(train_labels[j])}" for j in suspects))
 
     run = getattr(logger, "experiment", None)
     if hasattr(run, "finish"):

@@ -163,3 +163,15 @@ def test_suspicious_examples_are_those_the_surrogate_fits_worst():
     per_example = torch.nn.functional.cross_entropy(logits.double(), noisy, reduction="none")
     torch.testing.assert_close(losses, per_example[positions], rtol=1e-4, atol=1e-6)
     assert torch.equal(positions, per_example.topk(6).indices)
+
+
+def test_a_surrogate_without_curvature_is_refused_for_influence_with_the_way_out():
+    train, test, y = setup()
+    fitted = fit_from_features(train, y)
+    bare = type(fitted)(fitted.hparams.num_train, fitted.hparams.num_outputs, feature_shape=tuple(train.shape[1:]))
+    bare.load_state_dict(fitted.state_dict())  # weights only, as from a plain state dict: no curvature
+    with pytest.raises(ValueError, match="carries no curvature.*method='representer'"):
+        attribute(bare, query_features=test)
+    assert attribute(bare, query_features=test, method="representer").proponent_indices.shape == (9, 5)
+    with pytest.raises(ValueError, match="Unknown attribution method 'shapley'"):
+        attribute(fitted, query_features=test, method="shapley")

@@ -107,3 +107,24 @@ def test_pipeline_takes_keyword_inputs_and_numpy_as_an_inputs_labels_pair():
         plain.run((inputs.tolist(), labels), (inputs, labels))
     with pytest.raises(ValueError, match=r"different numbers of examples \(\[29, 30\]\)"):
         plain.run((inputs, labels[:29]), (inputs, labels))
+
+
+def test_attributing_with_a_checkpoint_after_the_network_moved_on():
+    """Refused, with the fix named, unless the checkpoint keeps its weights: then they are loaded for the
+    attribution and the network's own weights put back bit for bit."""
+    model = mlp()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 6, generator=g), torch.randint(0, 3, (50,), generator=g)
+    pipeline = ln.FidelityPipeline(model, "proj_trntk", {"dim": 32})
+    checkpoint = pipeline.run((x[:40], y[:40]), (x[40:], y[40:]))
+    before = pipeline.attribute(checkpoint, x[40:45], top_k=3)
+    kept = pipeline.keep_weights(checkpoint)
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="model changed since the surrogate was fitted.*keep_weights"):
+        pipeline.attribute(checkpoint, x[40:45])
+    after = pipeline.attribute(kept, x[40:45], top_k=3)
+    assert torch.equal(after.proponent_indices, before.proponent_indices)
+    torch.testing.assert_close(after.proponent_scores, before.proponent_scores)
+    assert all(torch.equal(v, moved[k]) for k, v in model.state_dict().items())
