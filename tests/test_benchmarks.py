@@ -33,3 +33,12 @@ def test_the_gpu_script_runs_on_the_cpu_at_smoke_sizes():
     checkpoints (the second warm-started) included."""
     out = run_script("benchmarks/gpu_check.py", "--smoke")
     assert "The callback in a Trainer" in out and "| 1 |" in out, out[-2000:]
+
+
+@pytest.mark.slow
+def test_attribution_quality_runs_and_prints_its_tables():
+    out = run_script("benchmarks/attribution_quality.py", "--quick", "--setups", "mlp")
+    for row in ("noise ceiling", "library influence, final model", "library influence, 4 checkpoints of the run",
+                "TRAK, the same 4 checkpoints, λ tuned", "cost: attributing the 40 queries", "surrogate's loss on the example"):
+        assert row in out, out[-2000:]
+    assert re.search(r"\| library influence, final model \(surrogate's Kendall-τ [0-9.]+\) \| -?[0-9.]+ ± [0-9.]+ \| [0-9.]+ \|", out), out[-2000:]
