@@ -13,9 +13,10 @@ surrogates may be given at once: their scores are averaged (an ensemble, as TRAK
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -179,6 +180,21 @@ def _targets(logits: torch.Tensor, target: Any, network_logits: Any, outputs: in
     return target
 
 
+def _scorer(surrogate: KernelSurrogate, logits: torch.Tensor, target: torch.Tensor, column_blocks: Callable[[], Iterator[tuple[slice, torch.Tensor]]],
+            method: str) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+    """``score(block, columns)``: one surrogate's ``[M, J]`` scores for the training examples in ``columns``,
+    from the queries' kernel rows there (``block``)."""
+    if method == "representer":
+        weight = surrogate.weight.detach().double().cpu()
+        explained = weight[0] * (2 * target - 1).double().unsqueeze(1) if weight.shape[0] == 1 else weight[target]
+        return lambda block, columns: block * explained[:, columns]
+    influence = _Influence.of(surrogate)
+    projections = sum(block @ influence.curvature.basis[columns] for columns, block in column_blocks())
+    gradients = margin_gradients(surrogate, logits, target)
+    query_side = influence.query_side(projections, gradients)
+    return lambda block, columns: influence.scores(query_side, projections, gradients, block, columns)
+
+
 @torch.no_grad()
 def attribute(
     surrogate: KernelSurrogate | Sequence[KernelSurrogate],
@@ -226,39 +242,19 @@ def attribute(
     logits = all_logits[-1]
     outputs = members[-1].weight.shape[0]
     target = _targets(logits, target, network_logits, outputs)
-    sign = (2 * target - 1).double().unsqueeze(1)
 
-    prepared = []
-    for s, q, member_logits in zip(members, queries, all_logits):
-        blocks = lambda s=s, q=q: _column_blocks(s, q if by_kernel else None, None if by_kernel else q, spec, block_size)  # noqa: E731
-        if method == "representer":
-            weight = s.weight.detach().double().cpu()
-            prepared.append((blocks, weight[0] * sign if outputs == 1 else weight[target]))
-            continue
-        influence = _Influence.of(s)
-        projections = sum(block @ influence.curvature.basis[columns] for columns, block in blocks())
-        gradients = margin_gradients(s, member_logits, target)
-        prepared.append((blocks, (influence, influence.query_side(projections, gradients), projections, gradients)))
-
+    column_blocks = [functools.partial(_column_blocks, s, q if by_kernel else None, None if by_kernel else q, spec, block_size) for s, q in zip(members, queries)]
+    scorers = [_scorer(s, member_logits, target, blocks, method) for s, member_logits, blocks in zip(members, all_logits, column_blocks)]
     proponents = opponents = similar = None
     full = []
-    for parts in zip(*(blocks() for blocks, _ in prepared)):
+    for parts in zip(*(blocks() for blocks in column_blocks)):
         columns = parts[0][0]
-        total = None
-        for (_, block), (_, state) in zip(parts, prepared):
-            if method == "representer":
-                block_scores = block * state[:, columns]
-            else:
-                influence, query_side, projections, gradients = state
-                block_scores = influence.scores(query_side, projections, gradients, block, columns)
-            total = block_scores if total is None else total + block_scores
-        total = total / len(prepared)
-        similar_block = parts[-1][1]
+        total = sum(score(block, columns) for (_, block), score in zip(parts, scorers)) / len(scorers)
         if return_scores:
             full.append(total)
         proponents = _running_top_k(proponents, total, columns.start, top_k)
         opponents = _running_top_k(opponents, -total, columns.start, top_k)
-        similar = _running_top_k(similar, similar_block, columns.start, top_k)
+        similar = _running_top_k(similar, parts[-1][1], columns.start, top_k)
     return Attribution(
         method=method,
         target=target,
