@@ -48,6 +48,30 @@ class Sequence(nn.Module):
         return (self.head(h) + self.head(0.5 * h)).mean(1)
 
 
+class TiedOutside(nn.Module):
+    """A weight also used through F.linear outside its module: the module must fall back."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x)) + F.linear(x, self.inner.weight))
+
+
+class SequenceFirstLinear(nn.Module):
+    """Inputs [B, T, 3] through a Linear layer laid out [T, B, ...]: B = T hides the layout in the shapes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mix, self.head = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(x.transpose(0, 1))).mean(0))
+
+
 def conv_net(seed=0):
     """Reflect padding, stride, 'same' padding, a layer without bias, BatchNorm with running stats,
     and a last convolution with one output position (its exact Gram keeps the factors)."""
@@ -203,16 +227,7 @@ def test_fallback_warns_with_the_module_names():
 
 
 def test_weight_used_outside_its_module_falls_back():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.head(self.inner(x) + nn.functional.linear(x, self.inner.weight))
-
-    model, x = Tied().double(), torch.randn(5, 4, dtype=torch.float64)
+    model, x = TiedOutside().double(), torch.randn(5, 4, dtype=torch.float64)
     with pytest.warns(UserWarning, match=r"'inner'.*uses its parameters outside its own forward"):
         got = ln.exact_kernel(model, x)
     torch.testing.assert_close(got, ln.exact_kernel(model, x, method="vmap"))
@@ -413,18 +428,7 @@ def test_reduced_precision_keeps_standard_layers_on_the_structured_path(precisio
 
 
 def test_layer_that_sees_the_batch_in_another_dimension_falls_back():
-    class SequenceFirst(nn.Module):
-        """Tokens laid out [T, B, D] (as with batch_first=False) through a Linear layer, T = B = 4."""
-
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.mix, self.head = nn.Linear(3, 5), nn.Linear(5, 2)
-
-        def forward(self, x):  # x: [B, T, 3]
-            return self.head(torch.tanh(self.mix(x.transpose(0, 1))).mean(0))
-
-    model, x = SequenceFirst().double(), torch.randn(4, 4, 3, dtype=torch.float64)
+    model, x = SequenceFirstLinear().double(), torch.randn(4, 4, 3, dtype=torch.float64)
     with pytest.warns(UserWarning, match=r"'mix'.*does not hold the batch in the first dimension"):
         got = ln.exact_kernel(model, x)
     torch.testing.assert_close(got, ln.exact_kernel(model, x, method="vmap"))
@@ -584,30 +588,6 @@ def test_bfloat16_products_only_where_they_pay(monkeypatch):
     assert ln.SketchProjector(64, product_precision="bfloat16").product_dtype(thin, 1, torch.float32, cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="product_precision"):
         ln.ProjectionConfig(product_precision="half")
-
-
-class TiedOutside(nn.Module):
-    """A weight also used through F.linear outside its module: the module must fall back."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.inner(x)) + F.linear(x, self.inner.weight))
-
-
-class SequenceFirstLinear(nn.Module):
-    """Inputs [B, T, 3] through a Linear layer laid out [T, B, ...]: B = T hides the layout in the shapes."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.mix, self.head = nn.Linear(3, 5), nn.Linear(5, 2)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.mix(x.transpose(0, 1))).mean(0))
 
 
 STRUCTURE_CASES = {
