@@ -513,8 +513,11 @@ class FidelityPipeline:
     def _state_of(self, checkpoint: Checkpoint) -> Iterator[None]:
         """The network in the state the checkpoint was computed with meanwhile: as it is, or loaded from the
         checkpoint's kept weights and restored afterwards, bit for bit."""
-        if checkpoint.weights is None or self.spec() == checkpoint.spec:
+        if checkpoint.weights is None:
             self._check_state(checkpoint)
+            yield
+            return
+        if self.spec() == checkpoint.spec:  # the network holds the checkpoint's state already
             yield
             return
         current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
