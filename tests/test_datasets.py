@@ -63,6 +63,12 @@ def test_cifar_pair_from_pickled_batches(tmp_path):
 def test_missing_data_says_how_to_download(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"CIFAR10 is not under .*data_batch_1.*download_torchvision_files\('CIFAR10', "):
         load_torchvision_pair("CIFAR10", tmp_path, (0, 1))
+    # Offline with part of MNIST: every missing file is named, not only the first.
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    (tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"3 of its 4 files are missing .*\(train-images-idx3-ubyte, t10k-images-idx3-ubyte, "
+                                                 r"t10k-labels-idx1-ubyte, each plain or \.gz\)"):
+        load_torchvision_pair("MNIST", tmp_path, (0, 1))
     with pytest.raises(ValueError, match="Unknown data set 'SVHN'"):
         load_torchvision_pair("SVHN", tmp_path, (0, 1))
 

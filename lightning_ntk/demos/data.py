@@ -62,28 +62,34 @@ def load_digits_tensors(
 
 
 class DigitsDataModule(L.LightningDataModule):
-    """The digits as ``(x, y)`` batches: the validation set is the held-out test split."""
+    """The digits as ``(x, y)`` batches: the validation set is the held-out test split. ``as_images``:
+    inputs ``[1, 8, 8]`` instead of 64 flat values. ``image_shape`` tells the callback's W&B tables how to
+    show an input as an image."""
 
     def __init__(
         self,
         batch_size: int = 64,
         classes: tuple[int, ...] | None = None,
-        image_shape: bool = False,
+        as_images: bool = False,
         seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.classes = tuple(classes) if classes is not None else None
-        self.image_shape = image_shape
+        self.as_images = as_images
         self.seed = seed
 
     @property
     def num_classes(self) -> int:
         return len(self.classes) if self.classes is not None else 10
 
+    @property
+    def image_shape(self) -> list[int]:
+        return [1, 8, 8] if self.as_images else [8, 8]
+
     def setup(self, stage: str | None = None) -> None:
-        x_train, y_train, x_test, y_test = load_digits_tensors(self.classes, seed=self.seed, image_shape=self.image_shape)
+        x_train, y_train, x_test, y_test = load_digits_tensors(self.classes, seed=self.seed, image_shape=self.as_images)
         self.train_set = TensorDataset(x_train, y_train)
         self.val_set = TensorDataset(x_test, y_test)
 
@@ -228,7 +234,7 @@ def download_torchvision_files(dataset: str, root: str | Path, base_url: str | N
                     f"{name} from {mirrors[0].rstrip('/')}/{name} on a machine that has it, copy it to {destination.resolve()} "
                     f"(MD5 {md5}) and run again."
                 )
-        if source.archive and (fresh or not _complete(dataset, Path(root))):
+        if source.archive and (fresh or _missing(dataset, Path(root))):
             _unpack(destination, Path(root))
     return Path(root) / TORCHVISION_LAYOUTS[dataset][0]
 
@@ -250,15 +256,16 @@ def _existing(folder: Path, name: str) -> Path:
     raise FileNotFoundError(folder / name)
 
 
-def _complete(dataset: str, root: Path) -> bool:
-    """Whether every file :func:`load_torchvision_pair` reads for ``dataset`` is under ``root``."""
+def _missing(dataset: str, root: Path) -> list[str]:
+    """The files :func:`load_torchvision_pair` reads for ``dataset`` that are not under ``root``."""
     folder, train_files, test_files = TORCHVISION_LAYOUTS[dataset]
-    try:
-        for name in train_files + test_files:
+    missing = []
+    for name in train_files + test_files:
+        try:
             _existing(root / folder, name)
-    except FileNotFoundError:
-        return False
-    return True
+        except FileNotFoundError:
+            missing.append(name)
+    return missing
 
 
 def _read_split(dataset: str, folder: Path, files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -287,21 +294,22 @@ def load_torchvision_pair(
     ``[N, C, H, W]`` in [0, 1]; ``classes[1]`` is label 1. ``max_train`` keeps a seeded random subset of
     the training split; the test split is the official one.
 
-    Raises ``FileNotFoundError`` naming the missing file and how to download the data set
+    Raises ``FileNotFoundError`` naming every missing file and how to download the data set
     (:func:`download_torchvision_files`).
     """
     if dataset not in TORCHVISION_LAYOUTS:
         raise ValueError(f"Unknown data set {dataset!r}; choose one of {sorted(TORCHVISION_LAYOUTS)}.")
     folder, train_files, test_files = TORCHVISION_LAYOUTS[dataset]
-    folder = Path(root) / folder
-    try:
-        splits = [_read_split(dataset, folder, files) for files in (train_files, test_files)]
-    except FileNotFoundError as err:
+    missing = _missing(dataset, Path(root))
+    if missing:
         raise FileNotFoundError(
-            f"{dataset} is not under {Path(root).resolve()} ({err.args[0] if err.args else err} is missing). Download it once "
+            f"{dataset} is not under {Path(root).resolve()}: {len(missing)} of its {len(train_files + test_files)} files are missing from "
+            f"{(Path(root) / folder).resolve()} ({', '.join(missing)}, each plain or .gz). Download them once "
             f"(no torchvision needed): python -c \"from lightning_ntk.demos import download_torchvision_files; "
             f"download_torchvision_files('{dataset}', '{root}')\""
-        ) from None
+        )
+    folder = Path(root) / folder
+    splits = [_read_split(dataset, folder, files) for files in (train_files, test_files)]
     tensors = []
     for split, (images, labels) in enumerate(splits):
         keep = np.flatnonzero(np.isin(labels, classes))
