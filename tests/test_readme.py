@@ -125,3 +125,14 @@ def test_the_demo_lists_every_kernel_and_takes_none_for_the_subset_sizes(monkeyp
     assert args.max_train_examples is None and args.max_query_examples == 40
     options = [action for action in parser._actions if action.dest != "help"]
     assert all(action.help for action in options) and help_text.count("(default:") == len(options)
+
+
+def test_the_examples_extra_installs_what_the_quick_start_and_the_presets_import():
+    """``pip install -e ".[examples]"`` is the README's line for one's own environment: the Quick start logs to
+    W&B (wandb, pillow for its images) on scikit-learn's digits, and the presets need jsonargparse."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    packages = {re.match(r"[\w\-]+", requirement).group(0) for requirement in extras["examples"]}
+    assert {"wandb", "pillow", "scikit-learn", "jsonargparse"} <= packages
+    assert 'pip install -e ".[examples]"' in README
