@@ -12,6 +12,8 @@ the trained weights are bit-identical with and without it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
 import random
 import tempfile
@@ -38,6 +40,9 @@ from .registry import get_kernel
 from .store import FeatureStore, StoreError, StoreMismatchError
 from .surrogate import KernelSurrogate
 from .task import Task
+
+DEFAULT_BUDGET = 0.25
+PROBE_EXAMPLES = 32  # featurized before training to estimate a checkpoint's cost
 
 
 @contextlib.contextmanager
@@ -91,20 +96,52 @@ class NTKAttributionCallback(L.Callback):
             models only), ``"em"`` or ``"ck"``.
         projection, subsets, surrogate, store: the stages' options (:mod:`lightning_ntk.config`
             dataclasses, or dicts of their fields).
-        every_n_epochs, epochs, at_fit_end: the schedule (0-based epochs; override
+        budget: the share of the training time the checkpoints may take (default 0.25), which decides the
+            schedule unless ``every_n_epochs`` or ``epochs`` is given: the callback times the training epochs
+            and its checkpoints as the run goes (the first estimate from featurizing a few examples before
+            training) and takes a checkpoint at an epoch's end only while the time it has spent, that
+            checkpoint and the one at the fit's end stay within ``budget`` times the time trained so far.
+            One log line before the first checkpoint says what a checkpoint costs in epochs and how often
+            that allows one. ``None``: no budget (every epoch, unless ``every_n_epochs``/``epochs`` say otherwise).
+        every_n_epochs, epochs, at_fit_end: an explicit schedule, obeyed exactly (0-based epochs; override
             :meth:`should_featurize` for others). A fit-end checkpoint is skipped when the weights have
             not changed since the last one. Nothing runs under ``fast_dev_run``.
         train_data, query_data: the reference and query sets (Dataset, DataLoader or tensors); default
             the trainer's train and validation DataLoaders' datasets.
         module: name of the submodule that returns the logits (default: the LightningModule itself).
-        params, layers, task, memory_budget: passed to the pipeline (:class:`FidelityPipeline`).
-        top_k, table_examples, image_shape: attributions logged per checkpoint (``top_k=0``: none).
+        params: the parameters whose gradients define the kernel (a glob such as ``"head.*"``, or a list
+            of names; default every trainable one).
+        layers: the layers whose outputs the ``em`` kernel concatenates.
+        task: how to read a batch (:class:`~lightning_ntk.task.Task`): its inputs, its labels (class
+            indices), the logits in the model's output, e.g. ``Task(inputs=lambda b: b["pixels"],
+            labels=lambda b: b["target"])``. The default takes ``(inputs, labels)`` tuples, and dicts with
+            ``labels`` whose other keys are the model's keyword arguments (Hugging Face batches).
+        memory_budget: the bytes the stages may hold at once (the kernel is streamed beyond it).
+        top_k, table_examples, image_shape: attributions logged per checkpoint (``top_k=0``: none);
+            ``image_shape`` shows inputs as images in them (default: the datamodule's ``image_shape``
+            attribute, if it has one).
         ensemble: how many checkpoints, spread over the run, attributions average their scores over (the
             first, the latest and evenly spaced ones between; 1: the latest only). Averaging over checkpoints
             predicts retraining better than the last one alone; each kept checkpoint holds its surrogate, its
             query kernel rows and a CPU copy of the network's weights (for :meth:`attribute` on new inputs).
         name: tells several callbacks of one Trainer apart: their states in Lightning checkpoints, and
             their logged metrics (``ntk/<name>/...`` instead of ``ntk/...``).
+
+    Example::
+
+        ntk = NTKAttributionCallback()                  # proj_trntk, K = 1,024, within 25% of training time
+        trainer = L.Trainer(max_epochs=10, callbacks=[ntk])
+        trainer.fit(model, datamodule=data)             # batches (inputs, labels); forward returns [B, C] logits
+        print(ntk.history[-1].kendall_tau)              # how faithful the kernel machine is
+        explained = ntk.attribute(next(iter(data.val_dataloader())))  # training examples behind each prediction
+
+    Cost and disk: a checkpoint featurizes the reference and query subsets (1,000 + 500 examples by
+    default) with C backward passes per example for C classes, so on a small data set one checkpoint
+    can cost more than an epoch; the default ``budget`` spaces them accordingly (an explicit schedule
+    is obeyed, and the log line says what it will cost). Each checkpoint's features are stored on disk
+    (about (N_ref + N_query)·C·K·2 bytes in float16: 31 MB with the defaults and 10 classes) in the
+    run's log folder; the store keeps the entries the attribution ensemble needs (see
+    :class:`~lightning_ntk.config.StoreConfig`) and its size is logged.
     """
 
     def __init__(
@@ -114,7 +151,8 @@ class NTKAttributionCallback(L.Callback):
         subsets: SubsetConfig | None = None,
         surrogate: SurrogateConfig | None = None,
         store: StoreConfig | None = None,
-        every_n_epochs: int | None = 1,
+        budget: float | None = DEFAULT_BUDGET,
+        every_n_epochs: int | None = None,
         epochs: list[int] | None = None,
         at_fit_end: bool = True,
         train_data: Any = None,
@@ -139,6 +177,8 @@ class NTKAttributionCallback(L.Callback):
         self.store_config = StoreConfig.of(store)
         if every_n_epochs is not None and (isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1):
             raise ValueError(f"every_n_epochs must be a positive integer or None, got {every_n_epochs!r}.")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf):
+            raise ValueError(f"budget must be a share of the training time > 0 (e.g. 0.25) or None, got {budget!r}.")
         if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in epochs or ()):
             raise ValueError(f"epochs must be 0-based epoch numbers (integers ≥ 0), got {epochs!r}.")
         for option, value in (("top_k", top_k), ("table_examples", table_examples)):
@@ -148,6 +188,7 @@ class NTKAttributionCallback(L.Callback):
             raise ValueError(f"ensemble must be a positive integer (1: the latest checkpoint only), got {ensemble!r}.")
         self.ensemble = ensemble
         self.every_n_epochs, self.epochs, self.at_fit_end = every_n_epochs, set(epochs or ()), at_fit_end
+        self.budget, self._explicit = budget, every_n_epochs is not None or epochs is not None
         self.train_data, self.query_data = train_data, query_data
         self.module, self.params, self.layers, self.task = module, params, layers, task or Task()
         self.top_k, self.table_examples, self.image_shape = top_k, table_examples, image_shape
@@ -165,6 +206,8 @@ class NTKAttributionCallback(L.Callback):
         self._reference: ExampleSet | None = None
         self._query: ExampleSet | None = None
         self._epoch_end_step = -1
+        self._cost: CheckpointCost | None = None
+        self._image_shape = image_shape
 
     @property
     def state_key(self) -> str:
@@ -189,9 +232,53 @@ class NTKAttributionCallback(L.Callback):
 
     # -- schedule --------------------------------------------------------------------------------
     def should_featurize(self, trainer: L.Trainer) -> bool:
-        """Whether to take a checkpoint at the end of the current training epoch."""
+        """Whether to take a checkpoint at the end of the current training epoch: the explicit schedule's
+        rule, or whether it and the fit end's checkpoint stay within the budget (decided on rank 0)."""
         epoch = trainer.current_epoch
+        if self._explicit or self.budget is None:
+            return self._scheduled(epoch)
+        if self.at_fit_end and epoch + 1 == trainer.max_epochs:  # the fit end takes it
+            return False
+        cost = self._cost
+        reserve = cost.checkpoint if self.at_fit_end else 0.0
+        affordable = cost.spent + cost.checkpoint + reserve <= self.budget * cost.training_seconds()
+        return bool(trainer.strategy.broadcast(affordable, src=0)) if trainer.world_size > 1 else affordable
+
+    def _scheduled(self, epoch: int) -> bool:
+        """The explicit schedule (every epoch without one and without a budget)."""
+        if not self._explicit:
+            return True
         return epoch in self.epochs or (self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0)
+
+    def _schedule_line(self, trainer: L.Trainer) -> str:
+        """What a checkpoint costs against an epoch, and what the schedule makes of it."""
+        cost = self._cost
+        epoch_seconds = cost.training_seconds() / max(cost.epochs, 1)
+        ratio = cost.checkpoint / max(epoch_seconds, 1e-9)  # a checkpoint, in epochs
+        spacing = math.ceil(ratio / (self.budget or DEFAULT_BUDGET))
+        line = f"NTK checkpoints: each ≈ {cost.checkpoint:.3g} s ({cost.source}) ≈ {ratio:.2g} epochs of {epoch_seconds:.3g} s; "
+        if self.budget is not None and not self._explicit:
+            line += f"one every {spacing} epochs keeps the callback under {self.budget:.0%} of training, with one at the fit's end."
+            epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+            if epochs and self.at_fit_end and ratio > self.budget * epochs:
+                line += (f" This {epochs}-epoch run is too short for even that one: it adds ≈ {ratio / epochs:.0%}. Smaller subsets "
+                         "(subsets={'max_train_examples': ..., 'max_query_examples': ...}) make checkpoints cheaper.")
+            return line
+        planned = self._planned(trainer)
+        if planned is None:  # a run of unknown length
+            per_epoch = ratio / self.every_n_epochs if self.every_n_epochs else ratio
+            return line + f"{'every_n_epochs=' + str(self.every_n_epochs) if self.every_n_epochs else 'each listed epoch'} adds ≈ {per_epoch:.0%} of an epoch."
+        count, epochs = planned
+        return line + (f"this schedule ({count} checkpoint(s) in {epochs} epochs) makes the callback ≈ {count * ratio / epochs:.0%} of "
+                       f"training; budget={self.budget or DEFAULT_BUDGET} without an explicit schedule would take one every {spacing} epochs.")
+
+    def _planned(self, trainer: L.Trainer) -> tuple[int, int] | None:
+        """How many checkpoints the explicit schedule takes in the run's epochs (the fit end's included), if it has a known length."""
+        epochs = trainer.max_epochs
+        if epochs in (None, -1):
+            return None
+        count = sum(self._scheduled(e) for e in range(epochs))
+        return count + (self.at_fit_end and not self._scheduled(epochs - 1)), epochs
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -202,6 +289,7 @@ class NTKAttributionCallback(L.Callback):
         """Resolve the model and the data, and check everything that can fail before training does."""
         if trainer.fast_dev_run:
             return
+        started = time.perf_counter()
         self._check_resumed_options()
         model = self._logits_module(pl_module)
         self._store = FeatureStore(self.store_config.dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "ntk_store"))
@@ -229,22 +317,50 @@ class NTKAttributionCallback(L.Callback):
                 hint = "" if self.module is not None else " If a submodule returns the logits, pass module='<its name>' to the callback."
                 option = " (train_data=/query_data=)" if "labels" in str(err) else ""
                 raise type(err)(f"NTKAttributionCallback: {err}{option}{hint}") from err
-            self._check_image_shape()
+            self._image_shape = self._resolve_image_shape(trainer)
+            self._cost = self._estimate_cost(trainer, started)
         if trainer.is_global_zero:
             for run in dashboards.wandb_runs(trainer.loggers):
                 dashboards.define_epoch_axis(run)
 
+    def _estimate_cost(self, trainer: L.Trainer, started: float) -> CheckpointCost:
+        """A checkpoint's seconds estimated from featurizing a few reference examples (its featurization
+        dominates; each rank featurizes its share), with this hook's own time as spent."""
+        probe = torch.arange(min(PROBE_EXAMPLES, len(self._reference)))
+        timer = time.perf_counter()
+        self.pipeline.features(self._reference.loader(probe, self.subsets.batch_size))
+        per_example = (time.perf_counter() - timer) / len(probe)
+        examples = len(self._reference) + len(self._query)
+        estimate = per_example * -(-examples // trainer.world_size)
+        cost = CheckpointCost(started, estimate, f"estimated from featurizing {len(probe)} of its {examples} examples")
+        cost.spent = time.perf_counter() - started
+        return cost
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_end_step = trainer.global_step
-        if self.pipeline is not None and self.should_featurize(trainer):
-            self._checkpoint(trainer, pl_module, trainer.current_epoch)
+        if self.pipeline is None:
+            return
+        self._cost.epochs += 1
+        if self._cost.epochs == 1:
+            rank_zero_info(self._schedule_line(trainer))
+        if self.should_featurize(trainer):
+            self._timed_checkpoint(trainer, pl_module, trainer.current_epoch)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.pipeline is None or not self.at_fit_end or (self._history and self._history[-1].step == trainer.global_step):
             return
         # After the last epoch, current_epoch already counts it; a fit stopped mid-epoch is in current_epoch.
         epoch = trainer.current_epoch - 1 if trainer.global_step == self._epoch_end_step else trainer.current_epoch
-        self._checkpoint(trainer, pl_module, max(epoch, 0))
+        self._timed_checkpoint(trainer, pl_module, max(epoch, 0))
+
+    def _timed_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        """A checkpoint, its seconds counted as the callback's (and as the next checkpoint's estimate unless it was read back)."""
+        started = time.perf_counter()
+        self._checkpoint(trainer, pl_module, epoch)
+        seconds = time.perf_counter() - started
+        self._cost.spent += seconds
+        if not self._history[-1].store_reused:
+            self._cost.checkpoint, self._cost.source = seconds, f"measured at epoch {epoch}"
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and os.getpid() != self._creator and trainer.is_global_zero:  # a spawned process: hand back
@@ -276,17 +392,20 @@ class NTKAttributionCallback(L.Callback):
             "(or with a callback of another name=...)."
         )
 
-    def _check_image_shape(self) -> None:
-        if self.image_shape is None:
-            return
+    def _resolve_image_shape(self, trainer: L.Trainer) -> list[int] | None:
+        """The option's image shape, checked against an input; else the datamodule's, if it fits one."""
         example = self._reference.inputs(torch.arange(1), self.task)
         size = example[0].numel() if isinstance(example, torch.Tensor) else None
-        if size != int(np.prod(self.image_shape)):
+        if self.image_shape is None:
+            shape = _datamodule_image_shape(trainer)
+            return shape if shape is not None and size == math.prod(shape) else None
+        if size != math.prod(self.image_shape):
             raise ValueError(
-                f"image_shape={list(self.image_shape)} holds {int(np.prod(self.image_shape))} values, but an example's input "
+                f"image_shape={list(self.image_shape)} holds {math.prod(self.image_shape)} values, but an example's input "
                 f"{'holds ' + str(size) + ' values' if size is not None else 'is not one tensor'}. Pass the shape of one input "
                 "(e.g. [1, 28, 28]), or image_shape=None to show inputs as text."
             )
+        return list(self.image_shape)
 
     # -- attribution queries -----------------------------------------------------------------------
     def attribute(self, batch: Any, top_k: int = 5, target: torch.Tensor | None = None, method: str = "influence") -> Attribution:
@@ -388,12 +507,14 @@ class NTKAttributionCallback(L.Callback):
 
             record = _on_rank_zero(trainer, evaluate)
         self._history.append(record)
-        rank_zero_info(
-            f"NTK fidelity at epoch {epoch}: Kendall-τ {record.kendall_tau:.3f}, TAD {100 * record.tad:+.2f} pp ({record.num_train} reference, "
-            f"{record.num_query} query examples); featurize {record.featurize_seconds:.1f} s"
-            f"{' (reused from the store)' if record.store_reused else ''}, fit {record.fit_seconds:.1f} s ({record.fit_iterations} iterations"
-            f"{'' if record.surrogate_converged else ', not converged'}), score {record.score_seconds:.1f} s."
-        )
+        if trainer.is_global_zero:
+            rank_zero_info(
+                f"NTK fidelity at epoch {epoch}: Kendall-τ {record.kendall_tau:.3f}, agreement {record.agreement:.3f}, TAD "
+                f"{100 * record.tad:+.2f} pp ({record.num_train} reference, {record.num_query} query examples); featurize "
+                f"{record.featurize_seconds:.1f} s{' (reused from the store)' if record.store_reused else ''}, fit {record.fit_seconds:.1f} s "
+                f"({record.fit_iterations} iterations{'' if record.surrogate_converged else ', not converged'}), score "
+                f"{record.score_seconds:.1f} s; store {self._store.size_bytes() / 1e6:.0f} MB in {self._store.root}."
+            )
         dashboards.log_scalars(trainer.loggers, record, self.prefix)
         if trainer.is_global_zero:
             for run in dashboards.wandb_runs(trainer.loggers):
@@ -413,7 +534,7 @@ class NTKAttributionCallback(L.Callback):
         ranked = {kind: self._reference_examples(getattr(result, f"{kind}_indices"), getattr(result, f"{kind}_scores")) for kind in ("proponent", "opponent")}
         predicted = [predictions(logits[positions]) for logits in (checkpoint.features.query_logits, checkpoint.surrogate_logits)]
         return dashboards.attribution_table(
-            query.indices[positions], query.inputs(positions, self.task), query.labels[positions], *predicted, ranked, self.image_shape,
+            query.indices[positions], query.inputs(positions, self.task), query.labels[positions], *predicted, ranked, self._image_shape,
             self.task.text, explained=result.target, method=f"{result.method} over {len(self._kept)} checkpoint(s)",
         )
 
@@ -423,12 +544,28 @@ class NTKAttributionCallback(L.Callback):
             return None
         positions, losses = suspicious(self._last.surrogate, min(self.table_examples, len(self._reference)))
         indices, scores, inputs, labels = self._reference_examples(positions[None], losses[None])
-        return dashboards.suspicious_table(indices[0], inputs, labels, scores[0], self.image_shape, self.task.text)
+        return dashboards.suspicious_table(indices[0], inputs, labels, scores[0], self._image_shape, self.task.text)
 
     def _reference_examples(self, positions: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
         """Positions ``[M, k]`` of the reference subset as dataset indices, with their scores, inputs and labels."""
         reference = self._reference
         return reference.indices[positions], scores, reference.inputs(positions, self.task), reference.labels[positions.flatten()]
+
+
+@dataclasses.dataclass
+class CheckpointCost:
+    """Seconds of training against seconds of the callback, measured as the run goes, for the budget
+    schedule. ``checkpoint``: the latest computed checkpoint's seconds; before the first, an estimate from
+    featurizing a few examples (``source`` says which)."""
+
+    started: float
+    checkpoint: float
+    source: str
+    spent: float = 0.0
+    epochs: int = 0
+
+    def training_seconds(self) -> float:
+        return time.perf_counter() - self.started - self.spent
 
 
 def _spread(checkpoints: list[Checkpoint], size: int) -> list[Checkpoint]:
@@ -460,6 +597,13 @@ def _fit_progress(trainer: L.Trainer, max_iter: int) -> Iterator[Callable[[int, 
         yield update
     finally:
         bar.close()
+
+
+def _datamodule_image_shape(trainer: L.Trainer) -> list[int] | None:
+    """The trainer's datamodule's ``image_shape`` attribute, when it is a shape (a list of ints)."""
+    shape = getattr(trainer.datamodule, "image_shape", None)
+    valid = isinstance(shape, (list, tuple)) and shape and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    return list(shape) if valid else None
 
 
 def _is_inputs_and_labels(batch: list[torch.Tensor]) -> bool:

@@ -264,6 +264,12 @@ class Checkpoint:
     weights: dict[str, torch.Tensor] | None = None
 
 
+# Below these the surrogate is flagged as unfaithful. Every normalised kernel of the surrogate study (README, "Does it reproduce the
+# paper?") stays above them on every setup (agreement ≥ 0.942, τ ≥ 0.660); the unnormalised trNTK⁰ on the CNN falls to τ 0.33.
+FAITHFUL_AGREEMENT = 0.9
+FAITHFUL_TAU = 0.5
+
+
 def _fidelity_warning(features: CheckpointFeatures, surrogate_logits: torch.Tensor, fidelity: dict[str, float]) -> str:
     """Why a checkpoint's figures are not numbers, in words (empty when they are)."""
     network = torch.as_tensor(features.query_logits)
@@ -277,6 +283,12 @@ def _fidelity_warning(features: CheckpointFeatures, surrogate_logits: torch.Tens
         classes = int(torch.as_tensor(features.query_labels).unique().numel())
         return (f"Kendall-τ is undefined on {len(network)} query example(s) of {classes} class(es): it needs at least two examples "
                 "whose scores differ and whose network probability is neither 0 nor 1. Use a larger query set with several classes.")
+    if fidelity["agreement"] < FAITHFUL_AGREEMENT or fidelity["kendall_tau"] < FAITHFUL_TAU:
+        return (f"the surrogate is not faithful to the network (agreement {fidelity['agreement']:.3f}, Kendall-τ "
+                f"{fidelity['kendall_tau']:.3f}; faithful surrogates reach agreement ≥ {FAITHFUL_AGREEMENT} and τ ≥ {FAITHFUL_TAU}), so "
+                "its attributions do not explain this network. A large positive TAD means the kernel machine is more accurate than "
+                "the network, i.e. it solves the task its own way. A larger reference set (subsets={'max_train_examples': ...}), "
+                "a normalised kernel (proj_trntk, the default) or a later checkpoint of a network trained further usually does better.")
     return ""
 
 

@@ -46,10 +46,12 @@ class DigitsMLP(Classifier):
 
 
 def small_callback(projection=None, subsets=None, **options):
-    """The callback on 120 reference and 60 query digits, with K = 32 and small attribution tables."""
+    """The callback on 120 reference and 60 query digits, with K = 32 and small attribution tables, at
+    every epoch unless the options give another schedule (or ``budget=...`` and no schedule)."""
     projection = {"dim": 32, **(projection or {})}
     subsets = {"max_train_examples": 120, "max_query_examples": 60, **(subsets or {})}
-    return NTKAttributionCallback(projection=projection, subsets=subsets, **{"top_k": 3, "table_examples": 4, **options})
+    schedule = {} if {"every_n_epochs", "epochs", "budget"} & set(options) else {"every_n_epochs": 1}
+    return NTKAttributionCallback(projection=projection, subsets=subsets, **{"top_k": 3, "table_examples": 4, **schedule, **options})
 
 
 def fit(root, callbacks=(), max_epochs=3, model=None, seed=0, ckpt_path=None, **trainer_options):

@@ -194,7 +194,7 @@ def test_resume_continues_the_history_and_a_rerun_reuses_the_store(tmp_path):
 
 @pytest.mark.parametrize("precision, dtype", [("bf16-mixed", np.float32), ("64-true", np.float64)])
 def test_precision_settings(tmp_path, precision, dtype):
-    callback = small_callback(top_k=0, every_n_epochs=None)
+    callback = small_callback(top_k=0, epochs=[])
     fit(tmp_path, [callback], max_epochs=1, precision=precision)
     assert [row.epoch for row in callback.history] == [0]
     assert stored_checkpoint(tmp_path, 0)["reference_features"].numpy().dtype == dtype
@@ -202,8 +202,8 @@ def test_precision_settings(tmp_path, precision, dtype):
 
 
 def test_streamed_surrogate_when_the_kernel_exceeds_the_memory_budget(tmp_path):
-    in_memory = small_callback(top_k=0, every_n_epochs=None)
-    streamed = small_callback(top_k=0, every_n_epochs=None, memory_budget=120 * 120 * 4 - 1, store={"dir": str(tmp_path / "streamed")}, name="streamed")
+    in_memory = small_callback(top_k=0, epochs=[])
+    streamed = small_callback(top_k=0, epochs=[], memory_budget=120 * 120 * 4 - 1, store={"dir": str(tmp_path / "streamed")}, name="streamed")
     fit(tmp_path, [in_memory, streamed], max_epochs=1)
     assert streamed.surrogate.train_features is not None and in_memory.surrogate.train_features is None
     assert streamed.history[0].surrogate_acc == pytest.approx(in_memory.history[0].surrogate_acc, abs=0.05)
@@ -219,7 +219,7 @@ class BinaryDigitsMLP(DigitsMLP):
 
 
 def test_single_logit_binary_network(tmp_path, wandb_dir):
-    callback = small_callback(every_n_epochs=None, subsets={"max_train_examples": 60, "max_query_examples": 40})
+    callback = small_callback(epochs=[], subsets={"max_train_examples": 60, "max_query_examples": 40})
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=WandbLogger(project="ntk-test", save_dir=str(wandb_dir)),
                         callbacks=[callback], default_root_dir=tmp_path, enable_checkpointing=False,
@@ -252,7 +252,7 @@ def test_a_checkpoint_says_what_it_is_doing(tmp_path, capfd, caplog, progress_ba
     """With the trainer's progress bar, a checkpoint shows bars for both sides' features and the
     surrogate's fit; without it, none. Either way it logs one line with the figures and where the
     time went."""
-    callback = small_callback(every_n_epochs=None, top_k=0)
+    callback = small_callback(epochs=[], top_k=0)
     with caplog.at_level("INFO", logger="lightning.pytorch"):
         fit(tmp_path, [callback], max_epochs=1, enable_progress_bar=progress_bar)
     bars = capfd.readouterr().err
@@ -262,3 +262,26 @@ def test_a_checkpoint_says_what_it_is_doing(tmp_path, capfd, caplog, progress_ba
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NTK fidelity")]
     assert f"Kendall-τ {record.kendall_tau:.3f}" in line and "(120 reference, 60 query examples)" in line
     assert f"featurize {record.featurize_seconds:.1f} s" in line and f"({record.fit_iterations} iterations)" in line
+    assert f"agreement {record.agreement:.3f}" in line and " MB in " in line and "ntk_store" in line  # and the store's size
+
+
+@pytest.mark.parametrize("options, trainer_options, epochs, says", [
+    # a checkpoint costs tens of these 2-step epochs: within a quarter of training only the fit end's fits
+    ({"budget": 0.25}, {"max_epochs": 4, "limit_train_batches": 2}, [3], ["one every", "keeps the callback under 25% of training", "too short"]),
+    # an ample budget affords every epoch (the last one's is the fit end's)
+    ({"budget": 1000}, {"max_epochs": 3}, [0, 1, 2], ["keeps the callback under 100000% of training"]),
+    # an explicit schedule is obeyed exactly, with what it costs
+    ({"every_n_epochs": 2}, {"max_epochs": 4, "limit_train_batches": 2}, [1, 3], ["this schedule (2 checkpoint(s) in 4 epochs) makes the callback ≈",
+                                                                               "budget=0.25 without an explicit schedule would take one every"]),
+])
+def test_the_default_schedule_keeps_checkpoints_within_a_share_of_training_time(tmp_path, caplog, options, trainer_options, epochs, says):
+    """The callback times an epoch and estimates a checkpoint before the first one, says so in one line, and
+    spaces checkpoints so that its time stays within ``budget`` of training, the fit's end always included."""
+    callback = small_callback(top_k=0, **options)
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        fit(tmp_path, [callback], **trainer_options)
+    assert [row.epoch for row in callback.history] == epochs
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NTK checkpoints:")]
+    assert "estimated from featurizing 32 of its 180 examples" in line, line
+    for words in says:
+        assert words in line, line

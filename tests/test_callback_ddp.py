@@ -19,7 +19,7 @@ from lightning_ntk.demos import DigitsDataModule
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.ddp, pytest.mark.slow]
 
 # Odd subset sizes: the second rank's shards are padded to the first's length before all_gather.
-OPTIONS = dict(top_k=0, subsets={"max_train_examples": 121, "max_query_examples": 61})
+OPTIONS = dict(top_k=0, budget=1000, subsets={"max_train_examples": 121, "max_query_examples": 61})
 FIDELITY = ("kendall_tau", "tad", "agreement", "surrogate_acc", "network_acc", "miss_overlap_p")
 
 

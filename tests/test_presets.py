@@ -42,7 +42,7 @@ def test_there_are_presets():
 def configuration(callback):
     """Everything that decides what a callback computes and when."""
     return (callback.kernel, callback.projection, callback.subsets, callback.surrogate_config, callback.store_config,
-            callback.every_n_epochs, callback.epochs, callback.at_fit_end, callback.top_k, callback.table_examples)
+            callback.budget, callback.every_n_epochs, callback.epochs, callback.at_fit_end, callback.top_k, callback.table_examples)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])

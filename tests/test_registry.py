@@ -32,7 +32,7 @@ def test_names_say_what_the_kernel_is():
 def test_the_callback_computes_the_kernel_its_name_says(tmp_path, name):
     """The kernel behind the callback's surrogate equals the standalone API's kernel of the same name,
     on the trained weights and the same reference examples."""
-    callback = small_callback(kernel=name, every_n_epochs=None, subsets={"max_train_examples": 40, "max_query_examples": 20}, top_k=0)
+    callback = small_callback(kernel=name, epochs=[], subsets={"max_train_examples": 40, "max_query_examples": 20}, top_k=0)
     _, model = fit(tmp_path, [callback], max_epochs=1)
     stored = stored_checkpoint(tmp_path, 0)
     x_train = load_digits_tensors()[0][stored["reference_indices"]]
@@ -70,7 +70,7 @@ def test_results_are_detached_from_the_network(compute):
 
 
 def test_half_precision_storage_reaches_the_store(tmp_path):
-    callback = small_callback(every_n_epochs=None, top_k=0, store={"dtype": "float16"})
+    callback = small_callback(epochs=[], top_k=0, store={"dtype": "float16"})
     fit(tmp_path, [callback], max_epochs=1, model=DigitsMLP())
     [folder] = (tmp_path / "ntk_store").glob("epoch=0000-*")
     assert '"dtype": "float16"' in (folder / "manifest.json").read_text()

@@ -85,7 +85,7 @@ def test_string_labels_get_a_clear_error(tmp_path):
 
 
 def test_a_list_of_examples_is_not_read_as_inputs_and_labels(tmp_path):
-    callback = small_callback(every_n_epochs=None, top_k=0)
+    callback = small_callback(epochs=[], top_k=0)
     fit(tmp_path, [callback], max_epochs=1)
     x = load_digits_tensors()[2][:2]
     with pytest.raises(TypeError, match=r"list of 2 tensors.*torch.stack"):
@@ -151,16 +151,29 @@ class InfLogit(DigitsMLP):
 
 
 def test_non_finite_logits_warn_and_mark_the_row(tmp_path):
-    callback = small_callback(top_k=0, every_n_epochs=None)
+    callback = small_callback(top_k=0, epochs=[])
     with pytest.warns(UserWarning, match=r"network's logits hold NaN or inf on \d+ of 60 query examples"):
         fit(tmp_path, [callback], max_epochs=1, model=InfLogit())
     [row] = callback.history
     assert "NaN or inf" in row.warning
 
 
+def test_an_unfaithful_surrogate_warns_and_marks_the_row():
+    """An untrained network predicts nearly one class, while a surrogate fitted on the labels predicts the labels:
+    its agreement is far below what faithful surrogates reach, and the record says so."""
+    x_train, y_train, x_test, y_test = load_digits_tensors()
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    with pytest.warns(UserWarning, match=r"the surrogate is not faithful to the network \(agreement 0\.\d+, Kendall-τ") as caught:
+        checkpoint = ln.FidelityPipeline(network, projection={"dim": 64}).run((x_train[:200], y_train[:200]), (x_test[:100], y_test[:100]))
+    record = checkpoint.record
+    assert record.agreement < ln.pipeline.FAITHFUL_AGREEMENT and "not faithful" in record.warning
+    assert f"agreement {record.agreement:.3f}" in str(caught[0].message) and "large positive TAD" in record.warning
+
+
 def test_one_query_example_warns_that_tau_is_undefined(tmp_path):
     _, _, x_test, y_test = load_digits_tensors()
-    callback = small_callback(top_k=0, every_n_epochs=None, query_data=(x_test[:1], y_test[:1]))
+    callback = small_callback(top_k=0, epochs=[], query_data=(x_test[:1], y_test[:1]))
     with pytest.warns(UserWarning, match=r"Kendall-τ is undefined on 1 query example\(s\) of 1 class"):
         trainer, _ = fit(tmp_path, [callback], max_epochs=1)
     assert trainer.state.finished and "undefined" in callback.history[0].warning

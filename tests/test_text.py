@@ -232,7 +232,7 @@ def test_callback_on_a_bert_classifier_logs_decoded_sentences(tmp_path, wandb_di
     data = TextDataModule(num_train=200, num_val=60, batch_size=32)
     model = TextClassifier(small_bert(data.vocab_size))
     callback = ln.NTKAttributionCallback(
-        projection={"dim": 32}, subsets={"max_train_examples": 120, "max_query_examples": 40}, every_n_epochs=None, top_k=2,
+        projection={"dim": 32}, subsets={"max_train_examples": 120, "max_query_examples": 40}, epochs=[], top_k=2,
         table_examples=3, task=ln.Task(decode=data.decode),
     )
     logger = WandbLogger(project="ntk-text-test", save_dir=str(wandb_dir))
