@@ -27,7 +27,7 @@ def true_class_probabilities(logits, labels):
 
 
 def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
-    callback = small_callback(epochs=[0], every_n_epochs=2, image_shape=[8, 8])  # epochs 0 and 1, then fit end (2)
+    callback = small_callback(epochs=[0], every_n_epochs=2)  # epochs 0 and 1, then fit end (2); images: DigitsDataModule.image_shape
     wandb_logger = WandbLogger(project="ntk-test", save_dir=str(wandb_dir))
     trainer, model = fit(tmp_path, [callback], logger=[wandb_logger, CSVLogger(tmp_path)])
     history = callback.history
@@ -79,6 +79,7 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
     assert table["columns"][:5] == ["query_index", "input", "label", "network_prediction", "surrogate_prediction"]
     assert {"proponent_indices", "proponent_3", "proponent_3_score", "opponent_indices", "opponent_1_score"} <= set(table["columns"])
     assert len(table["data"]) == 4
+    assert [line[1] for line in table["data"]] == ["Image"] * 4  # the digits as pictures (W&B's cell for an image), not 64 numbers
     # Its proponents are the training examples whose removal would most lower the margin of the class the network
     # predicted, averaged over the three checkpoints (the default ensemble keeps up to four), each checkpoint's
     # surrogate refitted here from its stored features.
