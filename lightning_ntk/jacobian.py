@@ -128,10 +128,14 @@ def _locate_failure(model: nn.Module, run) -> tuple[str, str]:
     what the user can do about it."""
     stack: list[nn.Module] = []
     names = {m: n for n, m in model.named_modules()}
+
+    def leave(mod, args, out) -> None:  # returns None: a hook's return value would replace the module's output
+        stack.pop()
+
     handles = []
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(lambda mod, args: stack.append(mod)))
-        handles.append(m.register_forward_hook(lambda mod, args, out: stack.pop()))
+        handles.append(m.register_forward_hook(leave))
     try:
         run()
     except Exception:

@@ -73,6 +73,27 @@ def test_forward_that_fails_under_torch_func_falls_back_to_a_loop_and_names_the_
     torch.testing.assert_close(got, brute_force_gradients(model, x))
 
 
+class ItemInTopLevelForward(nn.Module):
+    """A data-dependent ``.item()`` in the model's own forward, after its submodules have run."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+
+    def forward(self, x):
+        return self.net(x) * float(x.sum().item() > -1e9)
+
+
+def test_the_fallback_warning_names_the_module_whose_forward_breaks_torch_func():
+    """The top-level model, not the last submodule that ran before it (the locating hooks leave outputs alone)."""
+    model, x = ItemInTopLevelForward().double(), torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"cannot run module '<model>' \(ItemInTopLevelForward\)") as caught:
+        got = ln.gradient_features(model, x)
+    assert not [w for w in caught if "ReLU" in str(w.message)]
+    torch.testing.assert_close(got, brute_force_gradients(model, x))
+
+
 def test_unsupported_batch_type():
     with pytest.raises(TypeError, match="Task\\(inputs="):
         ln.exact_kernel(mlp(), [object(), object()])
