@@ -141,15 +141,23 @@ def _locate_failure(model: nn.Module, run) -> tuple[str, str]:
     except Exception:
         if stack:
             module = stack[-1]
-            where = f"module '{names[module] or '<model>'}' ({type(module).__name__})"
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
-                return where, ("it normalises with the statistics of the batch even in eval mode, so no example has a gradient of "
-                               "its own: keep running statistics (track_running_stats=True), or use LayerNorm/GroupNorm")
-            return where, "exclude that module's parameters, and those before it, with params=..."
+            return f"module '{names[module] or '<model>'}' ({type(module).__name__})", "exclude that module's parameters, and those before it, with params=..."
     finally:
         for h in handles:
             h.remove()
     return "the model's forward", "avoid data-dependent Python control flow on tensors there, or restrict the kernel with params=..."
+
+
+def refuse_batch_statistics(model: nn.Module) -> None:
+    """Refuse a model with a BatchNorm layer that keeps no running statistics, whatever the path: it
+    normalises with the batch's statistics even in eval mode, so no example has a gradient of its own."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (not module.track_running_stats or module.running_mean is None):
+            raise FunctionalForwardError(
+                f"Per-example gradients do not exist for this model: module '{name or '<model>'}' ({type(module).__name__}) normalises "
+                "with the statistics of the batch even in eval mode, so no example has a gradient of its own. Keep running "
+                "statistics (track_running_stats=True), or use LayerNorm/GroupNorm."
+            )
 
 
 def check_logits(output: Any, batch_size: int) -> torch.Tensor:
@@ -203,6 +211,7 @@ class PerExampleGradients:
     ):
         self.model = model
         self.task = task or Task()
+        refuse_batch_statistics(model)
         self.params = select_parameters(model, params)
         self.num_parameters = sum(p.numel() for p in self.params.values())
         self.chunk_size = chunk_size

@@ -94,6 +94,25 @@ def test_the_fallback_warning_names_the_module_whose_forward_breaks_torch_func()
     torch.testing.assert_close(got, brute_force_gradients(model, x))
 
 
+def test_batch_norm_without_running_statistics_is_refused_alike_on_every_path():
+    """The sketch, the dense projection and the exact kernels (vmap and factored) give one message that names
+    the layer and the fix, before any forward pass."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 6)
+    calls = [
+        lambda: ln.project_features(model, x, projection_dim=8, projector="sketch"),
+        lambda: ln.project_features(model, x, projection_dim=8, projector="rademacher"),
+        lambda: ln.gradient_features(model, x),
+        lambda: ln.exact_kernel(model, x, kind="trntk"),
+    ]
+    messages = set()
+    for call in calls:
+        with pytest.raises(ln.FunctionalForwardError, match=r"module '1' \(BatchNorm1d\).*track_running_stats=True") as caught:
+            call()
+        messages.add(str(caught.value))
+    assert len(messages) == 1
+
+
 def test_unsupported_batch_type():
     with pytest.raises(TypeError, match="Task\\(inputs="):
         ln.exact_kernel(mlp(), [object(), object()])

@@ -54,8 +54,9 @@ class BatchStatistics(DigitsMLP):
         (dict(kernel="em", layers=["network.9"]), None, ValueError, r"Unknown layer names \['network.9'\]"),
         (dict(image_shape=[7, 7]), None, ValueError, r"image_shape=\[7, 7\] holds 49 values, but an example's input holds 64"),
         (dict(kernel="trntk"), BatchStatistics(), ln.FunctionalForwardError, r"module 'network\.1' \(BatchNorm1d\).*track_running_stats=True"),
+        (dict(), BatchStatistics(), ln.FunctionalForwardError, r"^Per-example gradients do not exist.*module 'network\.1' \(BatchNorm1d\).*track_running_stats=True"),
     ],
-    ids=["em-layers", "image-shape", "batch-statistics"],
+    ids=["em-layers", "image-shape", "batch-statistics", "batch-statistics-sketch"],
 )
 def test_what_would_fail_at_the_first_checkpoint_fails_before_training(tmp_path, options, model, error, message):
     steps = []
