@@ -40,7 +40,7 @@ from .projection import DEFAULT_MEMORY_BUDGET
 from .registry import Kernel, get_kernel
 from .store import FeatureStore
 from .surrogate import KernelSurrogate, fit_from_features, fit_from_kernel
-from .task import Task, batch_size_of, differentiable
+from .task import Task, batch_size_of, differentiable, move_inputs
 
 
 @dataclass
@@ -368,6 +368,16 @@ class FidelityPipeline:
         """The number of logits, after a dry run on two examples (the model's output, and their features:
         whatever would fail at a checkpoint fails here) and a check that both sets' labels are among its classes."""
         sample = reference.inputs(torch.arange(min(2, len(reference))), self.task)
+        args, kwargs = self.task.arguments(move_inputs(sample, *model_device_dtype(self.model)))
+        try:
+            with torch.no_grad(), eval_mode(self.model):
+                self.model(*args, **kwargs)
+        except Exception as err:
+            raise TypeError(
+                f"The model's forward fails on two {reference.name} examples called with {self.task.describe(sample)}: "
+                f"{type(err).__name__}: {err}. Choose the model's inputs out of a batch with task=Task(inputs=lambda batch: ...) "
+                "(a tuple is passed as positional arguments, a dict as keyword arguments)."
+            ) from err
         logits = self.logits(sample)
         with torch.inference_mode(False), torch.enable_grad():
             self.features(sample)

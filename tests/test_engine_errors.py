@@ -113,6 +113,29 @@ def test_batch_norm_without_running_statistics_is_refused_alike_on_every_path():
     assert len(messages) == 1
 
 
+def test_tuple_inputs_call_the_model_with_positional_arguments_on_every_path():
+    """A tuple of tensors is one batch of positional inputs (not a list of batches): every path gives the
+    features of the same inputs passed as keyword arguments, and the pipeline attributes them."""
+    from models import DictModel, dict_inputs
+
+    model, x = DictModel(), dict_inputs(8)
+    x["extra"] = x["extra"].float()
+    positional = (x["tokens"], x["extra"])
+    for projector in ("sketch", "rademacher"):
+        torch.testing.assert_close(ln.project_features(model, positional, projection_dim=16, projector=projector),
+                                   ln.project_features(model, x, projection_dim=16, projector=projector))
+    torch.testing.assert_close(ln.gradient_features(model, positional), ln.gradient_features(model, x))
+    torch.testing.assert_close(ln.exact_kernel(model, positional), ln.exact_kernel(model, x))
+
+    y = torch.randint(0, 2, (8,), generator=torch.Generator().manual_seed(0))
+    examples = [({k: v[i] for k, v in x.items()}, y[i]) for i in range(8)]
+    task = ln.Task(inputs=lambda batch: (batch[0]["tokens"], batch[0]["extra"]))
+    as_tuple, as_dict = ln.FidelityPipeline(model, "proj_trntk", {"dim": 16}, task=task), ln.FidelityPipeline(model, "proj_trntk", {"dim": 16})
+    checkpoint = as_tuple.run(examples, examples)
+    torch.testing.assert_close(checkpoint.features.query_features, as_dict.run(examples, examples).features.query_features)
+    assert as_tuple.attribute(checkpoint, positional, top_k=2).proponent_indices.shape == (8, 2)
+
+
 def test_unsupported_batch_type():
     with pytest.raises(TypeError, match="Task\\(inputs="):
         ln.exact_kernel(mlp(), [object(), object()])
