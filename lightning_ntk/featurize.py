@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, parameter_fingerprint
+from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, state_fingerprint
 from .layers import CONV_TYPES, LayerGradients
 from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector, bfloat16_products
 from .registry import get_kernel, names, projected
@@ -36,7 +36,7 @@ class FeatureSpec:
     projector: str | None
     seed: int | None
     num_parameters: int
-    parameters: str  # fingerprint of the selected parameters' names, shapes and values
+    parameters: str  # fingerprint of the selected parameters' names, shapes and values, and of the model's buffers
     product_precision: str | None = None  # "bfloat16": the sketch's large products were; None: as the signals
 
     def to_dict(self) -> dict:
@@ -204,7 +204,7 @@ class Featurizer:
             projector=self.projector.kind,
             seed=self.projector.seed,
             num_parameters=self.gradients.num_parameters,
-            parameters=parameter_fingerprint(self.gradients.params),
+            parameters=state_fingerprint(self.model, self.gradients.params),
             product_precision="bfloat16" if bfloat16 else None,
         )
 

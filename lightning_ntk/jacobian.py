@@ -95,6 +95,13 @@ def parameter_fingerprint(params: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def state_fingerprint(model: nn.Module, params: dict[str, torch.Tensor]) -> str:
+    """The fingerprint of the selected parameters and of every buffer of the model: eval-mode outputs, and
+    with them gradients, depend on buffers such as BatchNorm's running statistics, which a forward pass in
+    train mode moves without a parameter changing."""
+    return parameter_fingerprint({**params, **{f"buffer {name}": b for name, b in model.named_buffers()}})
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode (BatchNorm uses running stats, Dropout is off) and restore each

@@ -33,7 +33,7 @@ from . import __version__
 from .attribution import Attribution, attribute, suspicious
 from .config import ProjectionConfig, SurrogateConfig
 from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, model_device_dtype, retained_heap, stream_features
-from .jacobian import check_logits, eval_mode, parameter_fingerprint, select_parameters
+from .jacobian import check_logits, eval_mode, select_parameters, state_fingerprint
 from .kernels import as_tensor, kernel_from_features
 from .metrics import SurrogateFidelity, check_label_range, fidelity_scores
 from .projection import DEFAULT_MEMORY_BUDGET
@@ -337,7 +337,7 @@ class FidelityPipeline:
         if self.featurizer is not None:
             return self.featurizer.spec()
         selected = select_parameters(self.model, None if not self.kernel.from_gradients else self.params)
-        return FeatureSpec(self.kernel.family, None, None, None, sum(p.numel() for p in selected.values()), parameter_fingerprint(selected))
+        return FeatureSpec(self.kernel.family, None, None, None, sum(p.numel() for p in selected.values()), state_fingerprint(self.model, selected))
 
     def features(self, data: Any, progress: bool | str = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Kernel features of ``data`` (model inputs, or an iterable of batches), on the CPU in the
@@ -514,8 +514,8 @@ class FidelityPipeline:
         with torch.inference_mode(False), torch.enable_grad():
             if self.spec() != checkpoint.spec:
                 raise ValueError(
-                    "The model changed since the surrogate was fitted: attribution needs the weights the features were computed "
-                    "with. Attribute right after the checkpoint (e.g. after trainer.fit with at_fit_end=True), or keep the "
+                    "The model changed since the surrogate was fitted: attribution needs the weights and buffers (e.g. BatchNorm's "
+                    "running statistics, which a forward pass in train mode moves) the features were computed with. Attribute right after the checkpoint (e.g. after trainer.fit with at_fit_end=True), or keep the "
                     "checkpoint's weights with keep_weights()."
                 )
 
