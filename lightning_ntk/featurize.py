@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, state_fingerprint
+from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, non_finite_raises, state_fingerprint
 from .layers import CONV_TYPES, LayerGradients
 from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector, bfloat16_products
 from .registry import get_kernel, names, projected
@@ -231,7 +231,7 @@ class Featurizer:
         parts = [self.gradients.project(slice_inputs(inputs, s, s + step), self.projector, self.summed, with_logits=True) for s in range(0, n, step)]
         features = torch.cat([f for f, _ in parts]) if len(parts) > 1 else parts[0][0]
         logits = None if parts[0][1] is None else torch.cat([l for _, l in parts])
-        if not all_finite(features):  # name the culprit (only on this rare path)
+        if non_finite_raises() and not all_finite(features):  # name the culprit (only on this rare path)
             for sig in self.gradients(inputs, self.summed):
                 for name, g in sig.parameter_gradients().items():
                     if not all_finite(g):

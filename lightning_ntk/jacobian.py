@@ -7,6 +7,7 @@ materialises ``[b, C, P]`` gradients for chunks of ``b`` examples sized to a mem
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fnmatch
 import hashlib
 import warnings
@@ -43,6 +44,26 @@ class NonFiniteGradientError(FloatingPointError):
             f"The per-example gradient of parameter '{name}' holds NaN or inf. Check the inputs for "
             "NaN/inf, lower the learning rate if training diverged, or exclude the parameter with params=..."
         )
+
+
+_non_finite_kept = contextvars.ContextVar("non_finite_kept", default=False)
+
+
+@contextlib.contextmanager
+def non_finite_rows_kept() -> Iterator[None]:
+    """Meanwhile, an example whose gradient holds NaN or inf keeps them in its rows of gradients and features
+    instead of raising :class:`NonFiniteGradientError`: the caller leaves such examples out. Examples are
+    independent in eval mode, so the other rows are as without it."""
+    token = _non_finite_kept.set(True)
+    try:
+        yield
+    finally:
+        _non_finite_kept.reset(token)
+
+
+def non_finite_raises() -> bool:
+    """Whether NaN or inf in a per-example gradient raises (outside :func:`non_finite_rows_kept`)."""
+    return not _non_finite_kept.get()
 
 
 def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[str, nn.Parameter]:
@@ -338,7 +359,7 @@ class PerExampleGradients:
         lead = 1 if summed else 2
         flat = []
         for name, g in grads.items():
-            if not all_finite(g):
+            if non_finite_raises() and not all_finite(g):
                 raise NonFiniteGradientError.of(name)
             flat.append(g.reshape(*g.shape[:lead], -1))
         return torch.cat(flat, dim=-1)
