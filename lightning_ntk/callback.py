@@ -501,7 +501,8 @@ class NTKAttributionCallback(L.Callback):
                 with _fit_progress(trainer, self.surrogate_config.max_iter) as progress:
                     self._last = pipeline.evaluate(CheckpointFeatures.from_arrays(stored), spec, self._last, epoch=epoch, step=trainer.global_step,
                                                    featurize_seconds=seconds, store_reused=reused, progress=progress)
-                self._kept = _spread(self._kept + [pipeline.keep_weights(self._last) if self.ensemble > 1 else self._last], self.ensemble)
+                kept = [c for c in self._kept if c.features.same_examples(self._last.features)]  # scores add up over the same examples
+                self._kept = _spread(kept + [pipeline.keep_weights(self._last) if self.ensemble > 1 else self._last], self.ensemble)
                 media[:] = [pipeline.fidelity_scores(self._last), self._attribution_table(trainer), self._suspicious_table(trainer)]
                 return self._last.record
 
@@ -527,14 +528,15 @@ class NTKAttributionCallback(L.Callback):
         if not (self.top_k and self.table_examples and dashboards.wandb_runs(trainer.loggers)):
             return None
         checkpoint, reference, query = self._last, self._reference, self._query
-        positions = torch.arange(min(self.table_examples, len(query)))
+        positions = torch.arange(min(self.table_examples, len(checkpoint.features.query_indices)))  # of the examples kept
         network_logits = checkpoint.features.query_logits[positions]
         result = attribute([c.surrogate for c in self._kept], query_kernel=[c.query_rows[positions] for c in self._kept],
                            network_logits=network_logits, top_k=min(self.top_k, len(reference)))
         ranked = {kind: self._reference_examples(getattr(result, f"{kind}_indices"), getattr(result, f"{kind}_scores")) for kind in ("proponent", "opponent")}
         predicted = [predictions(logits[positions]) for logits in (checkpoint.features.query_logits, checkpoint.surrogate_logits)]
+        shown = query.positions_of(checkpoint.features.query_indices[positions])
         return dashboards.attribution_table(
-            query.indices[positions], query.inputs(positions, self.task), query.labels[positions], *predicted, ranked, self._image_shape,
+            query.indices[shown], query.inputs(shown, self.task), query.labels[shown], *predicted, ranked, self._image_shape,
             self.task.text, explained=result.target, method=f"{result.method} over {len(self._kept)} checkpoint(s)",
         )
 
@@ -542,14 +544,16 @@ class NTKAttributionCallback(L.Callback):
         """The W&B table of the reference examples most likely mislabelled at this checkpoint."""
         if not (self.top_k and self.table_examples and dashboards.wandb_runs(trainer.loggers)):
             return None
-        positions, losses = suspicious(self._last.surrogate, min(self.table_examples, len(self._reference)))
+        positions, losses = suspicious(self._last.surrogate, min(self.table_examples, len(self._last.features.reference_indices)))
         indices, scores, inputs, labels = self._reference_examples(positions[None], losses[None])
         return dashboards.suspicious_table(indices[0], inputs, labels, scores[0], self._image_shape, self.task.text)
 
     def _reference_examples(self, positions: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
-        """Positions ``[M, k]`` of the reference subset as dataset indices, with their scores, inputs and labels."""
-        reference = self._reference
-        return reference.indices[positions], scores, reference.inputs(positions, self.task), reference.labels[positions.flatten()]
+        """Positions ``[M, k]`` of the latest checkpoint's reference examples as dataset indices, with their scores,
+        inputs and labels."""
+        indices = torch.as_tensor(self._last.features.reference_indices)[positions]
+        shown = self._reference.positions_of(indices)
+        return indices, scores, self._reference.inputs(shown, self.task), self._reference.labels[shown.flatten()]
 
 
 @dataclasses.dataclass

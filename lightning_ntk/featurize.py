@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, parameter_fingerprint
+from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, non_finite_raises, state_fingerprint
 from .layers import CONV_TYPES, LayerGradients
 from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector, bfloat16_products
 from .registry import get_kernel, names, projected
@@ -36,7 +36,7 @@ class FeatureSpec:
     projector: str | None
     seed: int | None
     num_parameters: int
-    parameters: str  # fingerprint of the selected parameters' names, shapes and values
+    parameters: str  # fingerprint of the selected parameters' names, shapes and values, and of the model's buffers
     product_precision: str | None = None  # "bfloat16": the sketch's large products were; None: as the signals
 
     def to_dict(self) -> dict:
@@ -204,7 +204,7 @@ class Featurizer:
             projector=self.projector.kind,
             seed=self.projector.seed,
             num_parameters=self.gradients.num_parameters,
-            parameters=parameter_fingerprint(self.gradients.params),
+            parameters=state_fingerprint(self.model, self.gradients.params),
             product_precision="bfloat16" if bfloat16 else None,
         )
 
@@ -231,7 +231,7 @@ class Featurizer:
         parts = [self.gradients.project(slice_inputs(inputs, s, s + step), self.projector, self.summed, with_logits=True) for s in range(0, n, step)]
         features = torch.cat([f for f, _ in parts]) if len(parts) > 1 else parts[0][0]
         logits = None if parts[0][1] is None else torch.cat([l for _, l in parts])
-        if not all_finite(features):  # name the culprit (only on this rare path)
+        if non_finite_raises() and not all_finite(features):  # name the culprit (only on this rare path)
             for sig in self.gradients(inputs, self.summed):
                 for name, g in sig.parameter_gradients().items():
                     if not all_finite(g):

@@ -7,6 +7,7 @@ materialises ``[b, C, P]`` gradients for chunks of ``b`` examples sized to a mem
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fnmatch
 import hashlib
 import warnings
@@ -43,6 +44,26 @@ class NonFiniteGradientError(FloatingPointError):
             f"The per-example gradient of parameter '{name}' holds NaN or inf. Check the inputs for "
             "NaN/inf, lower the learning rate if training diverged, or exclude the parameter with params=..."
         )
+
+
+_non_finite_kept = contextvars.ContextVar("non_finite_kept", default=False)
+
+
+@contextlib.contextmanager
+def non_finite_rows_kept() -> Iterator[None]:
+    """Meanwhile, an example whose gradient holds NaN or inf keeps them in its rows of gradients and features
+    instead of raising :class:`NonFiniteGradientError`: the caller leaves such examples out. Examples are
+    independent in eval mode, so the other rows are as without it."""
+    token = _non_finite_kept.set(True)
+    try:
+        yield
+    finally:
+        _non_finite_kept.reset(token)
+
+
+def non_finite_raises() -> bool:
+    """Whether NaN or inf in a per-example gradient raises (outside :func:`non_finite_rows_kept`)."""
+    return not _non_finite_kept.get()
 
 
 def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[str, nn.Parameter]:
@@ -95,6 +116,13 @@ def parameter_fingerprint(params: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def state_fingerprint(model: nn.Module, params: dict[str, torch.Tensor]) -> str:
+    """The fingerprint of the selected parameters and of every buffer of the model: eval-mode outputs, and
+    with them gradients, depend on buffers such as BatchNorm's running statistics, which a forward pass in
+    train mode moves without a parameter changing."""
+    return parameter_fingerprint({**params, **{f"buffer {name}": b for name, b in model.named_buffers()}})
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode (BatchNorm uses running stats, Dropout is off) and restore each
@@ -128,24 +156,36 @@ def _locate_failure(model: nn.Module, run) -> tuple[str, str]:
     what the user can do about it."""
     stack: list[nn.Module] = []
     names = {m: n for n, m in model.named_modules()}
+
+    def leave(mod, args, out) -> None:  # returns None: a hook's return value would replace the module's output
+        stack.pop()
+
     handles = []
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(lambda mod, args: stack.append(mod)))
-        handles.append(m.register_forward_hook(lambda mod, args, out: stack.pop()))
+        handles.append(m.register_forward_hook(leave))
     try:
         run()
     except Exception:
         if stack:
             module = stack[-1]
-            where = f"module '{names[module] or '<model>'}' ({type(module).__name__})"
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
-                return where, ("it normalises with the statistics of the batch even in eval mode, so no example has a gradient of "
-                               "its own: keep running statistics (track_running_stats=True), or use LayerNorm/GroupNorm")
-            return where, "exclude that module's parameters, and those before it, with params=..."
+            return f"module '{names[module] or '<model>'}' ({type(module).__name__})", "exclude that module's parameters, and those before it, with params=..."
     finally:
         for h in handles:
             h.remove()
     return "the model's forward", "avoid data-dependent Python control flow on tensors there, or restrict the kernel with params=..."
+
+
+def refuse_batch_statistics(model: nn.Module) -> None:
+    """Refuse a model with a BatchNorm layer that keeps no running statistics, whatever the path: it
+    normalises with the batch's statistics even in eval mode, so no example has a gradient of its own."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (not module.track_running_stats or module.running_mean is None):
+            raise FunctionalForwardError(
+                f"Per-example gradients do not exist for this model: module '{name or '<model>'}' ({type(module).__name__}) normalises "
+                "with the statistics of the batch even in eval mode, so no example has a gradient of its own. Keep running "
+                "statistics (track_running_stats=True), or use LayerNorm/GroupNorm."
+            )
 
 
 def check_logits(output: Any, batch_size: int) -> torch.Tensor:
@@ -199,6 +239,7 @@ class PerExampleGradients:
     ):
         self.model = model
         self.task = task or Task()
+        refuse_batch_statistics(model)
         self.params = select_parameters(model, params)
         self.num_parameters = sum(p.numel() for p in self.params.values())
         self.chunk_size = chunk_size
@@ -318,7 +359,7 @@ class PerExampleGradients:
         lead = 1 if summed else 2
         flat = []
         for name, g in grads.items():
-            if not all_finite(g):
+            if non_finite_raises() and not all_finite(g):
                 raise NonFiniteGradientError.of(name)
             flat.append(g.reshape(*g.shape[:lead], -1))
         return torch.cat(flat, dim=-1)

@@ -42,7 +42,7 @@ from torch.func import vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
-from .jacobian import ParamSelection, PerExampleGradients, _autograd_on, check_logits, eval_mode, select_parameters
+from .jacobian import ParamSelection, PerExampleGradients, _autograd_on, check_logits, eval_mode, refuse_batch_statistics, select_parameters
 from .projection import DEFAULT_MEMORY_BUDGET, SketchTotal, gather_columns, hash_positions
 from .task import Task, batch_size_of, differentiable, slice_inputs
 
@@ -509,6 +509,7 @@ class LayerGradients:
     ):
         self.model = model
         self.task = task or Task()
+        refuse_batch_statistics(model)
         self.params = select_parameters(model, params)
         self.num_parameters = sum(p.numel() for p in self.params.values())
         self.memory_budget = int(memory_budget)

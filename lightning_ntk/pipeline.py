@@ -33,14 +33,14 @@ from . import __version__
 from .attribution import Attribution, attribute, suspicious
 from .config import ProjectionConfig, SurrogateConfig
 from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, model_device_dtype, retained_heap, stream_features
-from .jacobian import check_logits, eval_mode, parameter_fingerprint, select_parameters
+from .jacobian import NonFiniteGradientError, check_logits, eval_mode, non_finite_rows_kept, select_parameters, state_fingerprint
 from .kernels import as_tensor, kernel_from_features
 from .metrics import SurrogateFidelity, check_label_range, fidelity_scores
 from .projection import DEFAULT_MEMORY_BUDGET
 from .registry import Kernel, get_kernel
 from .store import FeatureStore
 from .surrogate import KernelSurrogate, fit_from_features, fit_from_kernel
-from .task import Task, batch_size_of, differentiable
+from .task import Task, batch_size_of, differentiable, move_inputs
 
 
 @dataclass
@@ -76,6 +76,10 @@ class ExampleSet:
 
     def describe(self) -> dict:
         return {"size": len(self), "fingerprint": self.fingerprint}
+
+    def positions_of(self, indices: Any) -> torch.Tensor:
+        """The positions in the subset of the examples at dataset ``indices`` (those a checkpoint kept)."""
+        return torch.searchsorted(self.indices, torch.as_tensor(indices))
 
     def _examples(self) -> list:
         if self.examples is None:
@@ -208,6 +212,10 @@ class CheckpointFeatures:
     def arrays(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in ARRAYS}
 
+    def same_examples(self, other: "CheckpointFeatures") -> bool:
+        """Whether both hold the same reference and query examples (none left out by one only)."""
+        return all(torch.equal(torch.as_tensor(getattr(self, name)), torch.as_tensor(getattr(other, name))) for name in ("reference_indices", "query_indices"))
+
     @classmethod
     def from_arrays(cls, arrays: dict[str, Any]) -> "CheckpointFeatures":
         """From stored arrays; features stay as they are (memory maps are read block by block)."""
@@ -268,6 +276,50 @@ class Checkpoint:
 # paper?") stays above them on every setup (agreement ≥ 0.942, τ ≥ 0.660); the unnormalised trNTK⁰ on the CNN falls to τ 0.33.
 FAITHFUL_AGREEMENT = 0.9
 FAITHFUL_TAU = 0.5
+
+
+def finite_rows(values: Any, block: int = 4096) -> torch.Tensor:
+    """``[N]``: whether each row (first dimension) of a tensor or array holds no NaN or inf, read in blocks of
+    rows (memory maps stay on disk) without a mask of their size (NaN and inf reach the extrema)."""
+    parts = [torch.ones(0, dtype=torch.bool)]
+    for start in range(0, len(values), block):
+        rows = as_tensor(values[start : start + block])
+        rows = rows.reshape(len(rows), -1)
+        parts.append(torch.isfinite(torch.stack(torch.aminmax(rows, dim=1))).all(0) if rows.shape[1] else torch.ones(len(rows), dtype=torch.bool))
+    return torch.cat(parts)
+
+
+def _finite_examples(features: CheckpointFeatures) -> tuple[CheckpointFeatures, str]:
+    """The features without the examples whose features (or, on the query side, network logits) hold NaN or
+    inf, and a warning that counts them and names them (empty when none is left out). Where every example of
+    a side is non-finite, nothing is left out: features are refused (:class:`NonFiniteGradientError`), and
+    logits left to the record's warning, as without this."""
+    kept, notes = {}, []
+    for side in ("reference", "query"):
+        feature_rows = finite_rows(getattr(features, f"{side}_features"))
+        good = feature_rows & (finite_rows(features.query_logits) if side == "query" else True)
+        if not feature_rows.any():
+            raise NonFiniteGradientError(
+                f"The gradients of all {len(good)} {side} examples hold NaN or inf: check the inputs for NaN/inf, lower the "
+                "learning rate if training diverged, or exclude the parameters concerned with params=..."
+            )
+        if good.all() or not good.any():
+            continue
+        bad = (~good).nonzero().flatten()
+        indices = torch.as_tensor(getattr(features, f"{side}_indices"))[bad].tolist()
+        more = "…" if len(bad) > 10 else ""
+        notes.append(f"{len(bad)} of {len(good)} {side} examples (positions {bad[:10].tolist()}{more} of the {side} set, "
+                     f"dataset indices {indices[:10]}{more})")
+        keep = good.nonzero().flatten()
+        for name in ("features", "labels", "indices") + (("logits",) if side == "query" else ()):
+            array = getattr(features, f"{side}_{name}")
+            kept[f"{side}_{name}"] = array[keep] if isinstance(array, torch.Tensor) else as_tensor(np.asarray(array)[keep.numpy()])  # the rows kept, read alone
+    if not notes:
+        return features, ""
+    return dataclasses.replace(features, **kept), (
+        f"the network's logits or gradients hold NaN or inf on {' and '.join(notes)}, which are left out of this checkpoint: "
+        "check the model's output on them (an overflow, a log of zero, 0/0)."
+    )
 
 
 def _fidelity_warning(features: CheckpointFeatures, surrogate_logits: torch.Tensor, fidelity: dict[str, float]) -> str:
@@ -349,20 +401,22 @@ class FidelityPipeline:
         if self.featurizer is not None:
             return self.featurizer.spec()
         selected = select_parameters(self.model, None if not self.kernel.from_gradients else self.params)
-        return FeatureSpec(self.kernel.family, None, None, None, sum(p.numel() for p in selected.values()), parameter_fingerprint(selected))
+        return FeatureSpec(self.kernel.family, None, None, None, sum(p.numel() for p in selected.values()), state_fingerprint(self.model, selected))
 
     def features(self, data: Any, progress: bool | str = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Kernel features of ``data`` (model inputs, or an iterable of batches), on the CPU in the
         storage precision: the kernel is their (normalised) inner product. ``with_logits``: and the
-        network's logits on ``data`` (float32), from the featurization's own forward passes where it has them."""
+        network's logits on ``data`` (float32), from the featurization's own forward passes where it has them.
+        An example whose gradients hold NaN or inf keeps them in its row (:meth:`evaluate` leaves it out)."""
         logits = None
-        if self.featurizer is not None:
-            out = self.featurizer(data, batch_size=self.batch_size, progress=progress, with_logits=with_logits)
-            out, logits = out if with_logits else (out, None)
-        elif self.kernel.from_gradients:
-            out = gradient_features(self.model, data, self.kernel.name, params=self.params, task=self.task, batch_size=self.batch_size)
-        else:
-            out = embedding_features(self.model, data, self.kernel.name, self.layers, task=self.task, batch_size=self.batch_size)
+        with non_finite_rows_kept():
+            if self.featurizer is not None:
+                out = self.featurizer(data, batch_size=self.batch_size, progress=progress, with_logits=with_logits)
+                out, logits = out if with_logits else (out, None)
+            elif self.kernel.from_gradients:
+                out = gradient_features(self.model, data, self.kernel.name, params=self.params, task=self.task, batch_size=self.batch_size)
+            else:
+                out = embedding_features(self.model, data, self.kernel.name, self.layers, task=self.task, batch_size=self.batch_size)
         if not with_logits:
             return out.to(self.storage_dtype)
         return out.to(self.storage_dtype), (logits if logits is not None else self.logits(data)).float()
@@ -380,6 +434,16 @@ class FidelityPipeline:
         """The number of logits, after a dry run on two examples (the model's output, and their features:
         whatever would fail at a checkpoint fails here) and a check that both sets' labels are among its classes."""
         sample = reference.inputs(torch.arange(min(2, len(reference))), self.task)
+        args, kwargs = self.task.arguments(move_inputs(sample, *model_device_dtype(self.model)))
+        try:
+            with torch.no_grad(), eval_mode(self.model):
+                self.model(*args, **kwargs)
+        except Exception as err:
+            raise TypeError(
+                f"The model's forward fails on two {reference.name} examples called with {self.task.describe(sample)}: "
+                f"{type(err).__name__}: {err}. Choose the model's inputs out of a batch with task=Task(inputs=lambda batch: ...) "
+                "(a tuple is passed as positional arguments, a dict as keyword arguments)."
+            ) from err
         logits = self.logits(sample)
         with torch.inference_mode(False), torch.enable_grad():
             self.features(sample)
@@ -451,6 +515,9 @@ class FidelityPipeline:
         """Fit and score: the checkpoint with its record. ``init``: the previous checkpoint, whose
         surrogate starts the fit when it has the same shape."""
         started = time.perf_counter()
+        features, left_out = _finite_examples(features)
+        if left_out:
+            warnings.warn(f"Fidelity checkpoint{'' if epoch is None else f' at epoch {epoch}'}: {left_out}", stacklevel=2)
         num_outputs = int(features.query_logits.shape[1])
         previous = init.surrogate if init is not None and init.surrogate.weight.shape == (num_outputs, len(features.reference_labels)) else None
         surrogate = self.fit(features, num_outputs, previous, progress)
@@ -463,7 +530,7 @@ class FidelityPipeline:
             epoch=epoch, step=step, **fidelity, num_train=len(features.reference_labels), num_query=len(features.query_labels),
             featurize_seconds=featurize_seconds, fit_seconds=fitted - started, score_seconds=time.perf_counter() - fitted,
             fit_iterations=int(surrogate.fit_record["iterations"]), surrogate_converged=surrogate.converged,
-            store_reused=store_reused, parameters=spec.parameters, warning=warning,
+            store_reused=store_reused, parameters=spec.parameters, warning=" ".join(filter(None, (left_out, warning))),
         )
         return Checkpoint(record, surrogate, features, spec, rows, surrogate_logits)
 
@@ -516,8 +583,8 @@ class FidelityPipeline:
         with torch.inference_mode(False), torch.enable_grad():
             if self.spec() != checkpoint.spec:
                 raise ValueError(
-                    "The model changed since the surrogate was fitted: attribution needs the weights the features were computed "
-                    "with. Attribute right after the checkpoint (e.g. after trainer.fit with at_fit_end=True), or keep the "
+                    "The model changed since the surrogate was fitted: attribution needs the weights and buffers (e.g. BatchNorm's "
+                    "running statistics, which a forward pass in train mode moves) the features were computed with. Attribute right after the checkpoint (e.g. after trainer.fit with at_fit_end=True), or keep the "
                     "checkpoint's weights with keep_weights()."
                 )
 
@@ -560,6 +627,12 @@ class FidelityPipeline:
         for checkpoint in members:
             with torch.inference_mode(False), torch.enable_grad(), self._state_of(checkpoint):
                 features, network_logits = self.features(differentiable(inputs), with_logits=True)
+            bad = (~finite_rows(features)).nonzero().flatten().tolist()
+            if bad:
+                raise NonFiniteGradientError(
+                    f"The gradients of the inputs at positions {bad[:10]} hold NaN or inf, so they cannot be attributed: check "
+                    "the inputs for NaN/inf and the model's output on them (an overflow, a log of zero, 0/0)."
+                )
             rows.append(kernel_from_features(features, checkpoint.features.reference_features, normalize=self.kernel.normalized,
                                              product_precision=self.product_precision))
         result = attribute([m.surrogate for m in members], query_kernel=rows, top_k=top_k, target=target, network_logits=network_logits, method=method)

@@ -36,7 +36,8 @@ class Task:
     ``inputs``/``labels`` may be a callable ``batch -> value``, a dict key or a tuple index. By
     default a bare tensor is all inputs, a tuple/list is ``(inputs, labels, ...)``, and a dict holds
     its labels under one of ``label(s)``, ``y`` or ``target(s)`` and its inputs under every other key.
-    Dict inputs are passed to the model as keyword arguments, tuple inputs as positional ones.
+    Dict inputs are passed to the model as keyword arguments, tuple inputs as positional ones, e.g.
+    ``Task(inputs=lambda batch: (batch["input_ids"], batch["attention_mask"]))`` for ``model(ids, mask)``.
 
     ``output``: where the logits are in what the model returns when it is not a tensor: a key of a
     dict or ``ModelOutput``, an attribute of a dataclass (default ``"logits"``, as Hugging Face
@@ -85,6 +86,14 @@ class Task:
         if isinstance(inputs, (tuple, list)):
             return tuple(inputs), {}
         return (inputs,), {}
+
+    def describe(self, inputs: Any) -> str:
+        """How the model is called on a batch of inputs, in words, for error messages."""
+        if isinstance(inputs, Mapping):
+            return f"keyword arguments {list(inputs)}"
+        if isinstance(inputs, (tuple, list)):
+            return f"{len(inputs)} positional arguments"
+        return f"one {type(inputs).__name__}" + (f" of shape {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor) else "")
 
     def logits(self, output: Any) -> Any:
         """The logits in what the model returned: ``output(returned)`` for a callable ``output``, else a
@@ -178,9 +187,9 @@ def move_inputs(inputs: Any, device: torch.device | str | None = None, dtype: to
 
 
 def iter_batches(data: Any, batch_size: int) -> Iterator[Any]:
-    """Yield batches from a tensor (or dict/tuple of tensors) split along dim 0, or from any iterable
-    of batches such as a ``DataLoader``."""
-    if isinstance(data, (torch.Tensor, dict)):
+    """Yield batches from model inputs (a tensor, a dict of keyword or a tuple of positional inputs)
+    split along dim 0, or from any other iterable of batches such as a ``DataLoader`` or a list."""
+    if is_raw_inputs(data):
         n = batch_size_of(data)
         for start in range(0, n, batch_size):
             yield slice_inputs(data, start, start + batch_size)
@@ -188,10 +197,11 @@ def iter_batches(data: Any, batch_size: int) -> Iterator[Any]:
         yield from data
     else:
         raise TypeError(
-            f"Expected a tensor, a dict of tensors or a DataLoader, got {type(data).__name__}."
+            f"Expected a tensor, a dict or tuple of tensors, or a DataLoader, got {type(data).__name__}."
         )
 
 
 def is_raw_inputs(data: Any) -> bool:
-    """Whether ``data`` is the inputs themselves rather than an iterable of batches."""
-    return isinstance(data, (torch.Tensor, dict))
+    """Whether ``data`` is the inputs themselves rather than an iterable of batches: a tensor, a dict of
+    keyword inputs, or a tuple of positional ones (several batches come as a list or a DataLoader)."""
+    return isinstance(data, (torch.Tensor, dict)) or (isinstance(data, tuple) and any(isinstance(t, torch.Tensor) for t in tree_flatten(data)[0]))

@@ -8,6 +8,8 @@ import lightning_ntk as ln
 from lightning_ntk.attribution import attribute, suspicious
 from lightning_ntk.datamodeling import margins
 from lightning_ntk.surrogate import fit_from_features, fit_from_kernel
+from conftest import fit, small_callback
+from lightning_ntk.demos import load_digits_tensors
 from models import mlp
 
 ALPHA = 1e-3
@@ -175,3 +177,24 @@ def test_a_surrogate_without_curvature_is_refused_for_influence_with_the_way_out
     assert attribute(bare, query_features=test, method="representer").proponent_indices.shape == (9, 5)
     with pytest.raises(ValueError, match="Unknown attribution method 'shapley'"):
         attribute(fitted, query_features=test, method="shapley")
+
+
+def test_batch_norm_statistics_moved_after_fit_count_as_a_changed_model(tmp_path, one_thread):
+    """A forward pass in train mode after fit moves BatchNorm's running statistics, not a weight: a checkpoint
+    that keeps its state is attributed with its own statistics (and the network's are put back), one that
+    does not is refused, as for a changed weight."""
+    kept = small_callback(top_k=0, epochs=[])  # ensemble: the checkpoint keeps the network's state
+    latest = small_callback(top_k=0, epochs=[], ensemble=1, name="latest")
+    _, model = fit(tmp_path, [kept, latest], max_epochs=1)
+    x_train, _, x_test, _ = load_digits_tensors()
+    before = kept.attribute(x_test[:4], top_k=3)
+    model.train()
+    with torch.no_grad():
+        model(x_train[:32])
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+    after = kept.attribute(x_test[:4], top_k=3)
+    assert torch.equal(after.proponent_indices, before.proponent_indices)
+    torch.testing.assert_close(after.proponent_scores, before.proponent_scores)
+    assert all(torch.equal(v, moved[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="model changed since the surrogate was fitted.*running statistics"):
+        latest.attribute(x_test[:4])

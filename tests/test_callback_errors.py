@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from conftest import DigitsMLP, fit, small_callback
 from torch.utils.data import Dataset
 
-from lightning_ntk import NTKAttributionCallback, StoreError
+from lightning_ntk import NTKAttributionCallback, StoreError, Task
 from lightning_ntk.demos import load_digits_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two contending ones
@@ -31,6 +31,38 @@ class FlatOutput(DigitsMLP):
 def test_model_that_does_not_return_logits(tmp_path):
     with pytest.raises(ValueError, match=r"logits of shape \[batch, classes\].*module='<its name>'"):
         fit(tmp_path, [small_callback()], model=FlatOutput())
+
+
+class TwoHalves(DigitsMLP):
+    """Takes each digit as two positional inputs, its left and right halves (as a text model takes ids and a mask)."""
+
+    def forward(self, left, right):
+        return super().forward(torch.cat([left, right], 1))
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(self(batch[0][:, :32], batch[0][:, 32:]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def halves(batch):
+    return batch[0][:, :32], batch[0][:, 32:]
+
+
+def test_a_task_whose_inputs_are_a_tuple_passes_them_as_positional_arguments(tmp_path):
+    callback = small_callback(top_k=0, epochs=[], task=Task(inputs=halves))
+    fit(tmp_path, [callback], max_epochs=1, model=TwoHalves())
+    [row] = callback.history
+    assert row.num_query == 60 and -1 <= row.kendall_tau <= 1
+    _, _, x, y = load_digits_tensors()
+    assert callback.attribute((x[:3], y[:3])).proponent_indices.shape[0] == 3  # a batch as the loaders yield it
+
+
+def test_a_forward_that_fails_on_the_batch_names_task_and_module(tmp_path):
+    with pytest.raises(TypeError, match=r"forward fails on two reference examples called with one Tensor of shape \(2, 64\).*"
+                                        r"task=Task\(inputs=.*module='<its name>'"):
+        fit(tmp_path, [small_callback()], model=TwoHalves())
 
 
 class Sentences(Dataset):

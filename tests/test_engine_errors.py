@@ -73,6 +73,69 @@ def test_forward_that_fails_under_torch_func_falls_back_to_a_loop_and_names_the_
     torch.testing.assert_close(got, brute_force_gradients(model, x))
 
 
+class ItemInTopLevelForward(nn.Module):
+    """A data-dependent ``.item()`` in the model's own forward, after its submodules have run."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+
+    def forward(self, x):
+        return self.net(x) * float(x.sum().item() > -1e9)
+
+
+def test_the_fallback_warning_names_the_module_whose_forward_breaks_torch_func():
+    """The top-level model, not the last submodule that ran before it (the locating hooks leave outputs alone)."""
+    model, x = ItemInTopLevelForward().double(), torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"cannot run module '<model>' \(ItemInTopLevelForward\)") as caught:
+        got = ln.gradient_features(model, x)
+    assert not [w for w in caught if "ReLU" in str(w.message)]
+    torch.testing.assert_close(got, brute_force_gradients(model, x))
+
+
+def test_batch_norm_without_running_statistics_is_refused_alike_on_every_path():
+    """The sketch, the dense projection and the exact kernels (vmap and factored) give one message that names
+    the layer and the fix, before any forward pass."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 6)
+    calls = [
+        lambda: ln.project_features(model, x, projection_dim=8, projector="sketch"),
+        lambda: ln.project_features(model, x, projection_dim=8, projector="rademacher"),
+        lambda: ln.gradient_features(model, x),
+        lambda: ln.exact_kernel(model, x, kind="trntk"),
+    ]
+    messages = set()
+    for call in calls:
+        with pytest.raises(ln.FunctionalForwardError, match=r"module '1' \(BatchNorm1d\).*track_running_stats=True") as caught:
+            call()
+        messages.add(str(caught.value))
+    assert len(messages) == 1
+
+
+def test_tuple_inputs_call_the_model_with_positional_arguments_on_every_path():
+    """A tuple of tensors is one batch of positional inputs (not a list of batches): every path gives the
+    features of the same inputs passed as keyword arguments, and the pipeline attributes them."""
+    from models import DictModel, dict_inputs
+
+    model, x = DictModel(), dict_inputs(8)
+    x["extra"] = x["extra"].float()
+    positional = (x["tokens"], x["extra"])
+    for projector in ("sketch", "rademacher"):
+        torch.testing.assert_close(ln.project_features(model, positional, projection_dim=16, projector=projector),
+                                   ln.project_features(model, x, projection_dim=16, projector=projector))
+    torch.testing.assert_close(ln.gradient_features(model, positional), ln.gradient_features(model, x))
+    torch.testing.assert_close(ln.exact_kernel(model, positional), ln.exact_kernel(model, x))
+
+    y = torch.randint(0, 2, (8,), generator=torch.Generator().manual_seed(0))
+    examples = [({k: v[i] for k, v in x.items()}, y[i]) for i in range(8)]
+    task = ln.Task(inputs=lambda batch: (batch[0]["tokens"], batch[0]["extra"]))
+    as_tuple, as_dict = ln.FidelityPipeline(model, "proj_trntk", {"dim": 16}, task=task), ln.FidelityPipeline(model, "proj_trntk", {"dim": 16})
+    checkpoint = as_tuple.run(examples, examples)
+    torch.testing.assert_close(checkpoint.features.query_features, as_dict.run(examples, examples).features.query_features)
+    assert as_tuple.attribute(checkpoint, positional, top_k=2).proponent_indices.shape == (8, 2)
+
+
 def test_unsupported_batch_type():
     with pytest.raises(TypeError, match="Task\\(inputs="):
         ln.exact_kernel(mlp(), [object(), object()])

@@ -54,8 +54,9 @@ class BatchStatistics(DigitsMLP):
         (dict(kernel="em", layers=["network.9"]), None, ValueError, r"Unknown layer names \['network.9'\]"),
         (dict(image_shape=[7, 7]), None, ValueError, r"image_shape=\[7, 7\] holds 49 values, but an example's input holds 64"),
         (dict(kernel="trntk"), BatchStatistics(), ln.FunctionalForwardError, r"module 'network\.1' \(BatchNorm1d\).*track_running_stats=True"),
+        (dict(), BatchStatistics(), ln.FunctionalForwardError, r"^Per-example gradients do not exist.*module 'network\.1' \(BatchNorm1d\).*track_running_stats=True"),
     ],
-    ids=["em-layers", "image-shape", "batch-statistics"],
+    ids=["em-layers", "image-shape", "batch-statistics", "batch-statistics-sketch"],
 )
 def test_what_would_fail_at_the_first_checkpoint_fails_before_training(tmp_path, options, model, error, message):
     steps = []
@@ -152,10 +153,54 @@ class InfLogit(DigitsMLP):
 
 def test_non_finite_logits_warn_and_mark_the_row(tmp_path):
     callback = small_callback(top_k=0, epochs=[])
-    with pytest.warns(UserWarning, match=r"network's logits hold NaN or inf on \d+ of 60 query examples"):
+    with pytest.warns(UserWarning, match=r"network's logits or gradients hold NaN or inf on 1 of 60 query examples \(positions \[0\]"):
         fit(tmp_path, [callback], max_epochs=1, model=InfLogit())
     [row] = callback.history
-    assert "NaN or inf" in row.warning
+    assert "NaN or inf" in row.warning and row.num_query == 59
+
+
+class NonFiniteOnMarked(DigitsMLP):
+    """Digits whose first pixel is marked -100 overflow (exp) and those marked -200 divide 0 by 0: logits and
+    gradients NaN or inf on those examples alone."""
+
+    @classmethod
+    def seeded(cls):
+        torch.manual_seed(0)
+        return cls()
+
+    def forward(self, x):
+        marker = x[:, :1]
+        alive = torch.clamp(marker + 150, min=0, max=1)  # 0 on the examples marked -200
+        return super().forward(x) * torch.exp(torch.clamp(-marker - 50, min=0, max=60) * 10) * alive / alive
+
+
+def test_non_finite_examples_are_left_out_of_the_checkpoint_and_training_goes_on(tmp_path, wandb_dir):
+    """5 of 50 query examples (0/0) and 3 of 80 reference ones (an exp overflow): the checkpoints leave them out,
+    warn with their positions, say so in the record, log their W&B tables, attribute the examples kept, and
+    their figures equal those of a run without them."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    x_train, y_train, x_test, y_test = load_digits_tensors()
+    x_train, y_train, x_test, y_test = x_train[:80].clone(), y_train[:80], x_test[:50].clone(), y_test[:50]
+    bad_reference, bad_query = [3, 40, 79], [0, 7, 8, 21, 49]
+    x_train[bad_reference, 0], x_test[bad_query, 0] = -100.0, -200.0
+    marked = small_callback(train_data=(x_train, y_train), query_data=(x_test, y_test))
+    with pytest.warns(UserWarning, match=r"on 3 of 80 reference examples \(positions \[3, 40, 79\].*and 5 of 50 query examples "
+                                         r"\(positions \[0, 7, 8, 21, 49\].*left out of this checkpoint"):
+        trainer, _ = fit(tmp_path / "marked", [marked], max_epochs=2, model=NonFiniteOnMarked.seeded(),
+                         logger=WandbLogger(project="ntk-test", save_dir=str(wandb_dir)))
+    assert trainer.state.finished and [row.epoch for row in marked.history] == [0, 1]
+    assert all("left out" in row.warning and (row.num_train, row.num_query) == (77, 45) for row in marked.history)
+    explained = marked.attribute(x_test[1:3], top_k=3)
+    assert not set(explained.proponent_indices.flatten().tolist()) & set(bad_reference)
+    with pytest.raises(ln.NonFiniteGradientError, match=r"inputs at positions \[0\] hold NaN or inf"):
+        marked.attribute(x_test[:2])
+
+    good_reference, good_query = [i for i in range(80) if i not in bad_reference], [i for i in range(50) if i not in bad_query]
+    clean = small_callback(top_k=0, train_data=(x_train[good_reference], y_train[good_reference]), query_data=(x_test[good_query], y_test[good_query]))
+    fit(tmp_path / "clean", [clean], max_epochs=2, model=NonFiniteOnMarked.seeded())
+    assert [row.kendall_tau for row in marked.history] == pytest.approx([row.kendall_tau for row in clean.history], abs=1e-5)
+    assert "NaN" not in clean.history[-1].warning
 
 
 def test_an_unfaithful_surrogate_warns_and_marks_the_row():
