@@ -393,6 +393,7 @@ class NTKAttributionCallback(L.Callback):
             f"{record.num_query} query examples); featurize {record.featurize_seconds:.1f} s"
             f"{' (reused from the store)' if record.store_reused else ''}, fit {record.fit_seconds:.1f} s ({record.fit_iterations} iterations"
             f"{'' if record.surrogate_converged else ', not converged'}), score {record.score_seconds:.1f} s."
+            f"{f' Warning: {record.warning}' if record.warning else ''}"
         )
         dashboards.log_scalars(trainer.loggers, record, self.prefix)
         if trainer.is_global_zero:

@@ -14,19 +14,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from .checks import FORMULATIONS, check_alpha, check_choice, check_count, check_flag, check_path, check_solver_options
 from .projection import PROJECTOR_KINDS, check_product_precision, check_projection_dim
-from .surrogate import FORMULATIONS
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 _Config = TypeVar("_Config", bound="_Options")
-
-
-def _check_count(name: str, value: Any, allow_none: bool = True, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}{' or None' if allow_none else ''}, got {value!r}.")
 
 
 class _Options:
@@ -68,8 +61,8 @@ class ProjectionConfig(_Options):
 
     def __post_init__(self) -> None:
         check_projection_dim(self.dim)
-        if self.projector not in PROJECTOR_KINDS:
-            raise ValueError(f"Unknown projector {self.projector!r}; choose one of {PROJECTOR_KINDS}.")
+        check_choice("projector", self.projector, PROJECTOR_KINDS)
+        check_count("seed", self.seed, allow_none=False, minimum=0)
         check_product_precision(self.product_precision)
 
 
@@ -84,9 +77,10 @@ class SubsetConfig(_Options):
     batch_size: int = 128
 
     def __post_init__(self) -> None:
-        _check_count("max_train_examples", self.max_train_examples)
-        _check_count("max_query_examples", self.max_query_examples)
-        _check_count("batch_size", self.batch_size, allow_none=False)
+        check_count("max_train_examples", self.max_train_examples)
+        check_count("max_query_examples", self.max_query_examples)
+        check_count("seed", self.seed, allow_none=False, minimum=0)
+        check_count("batch_size", self.batch_size, allow_none=False)
 
 
 @dataclass(frozen=True)
@@ -104,13 +98,10 @@ class SurrogateConfig(_Options):
     warm_start: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"alpha is an L2 penalty and must be a number > 0 (without it the fit has no minimum), got {self.alpha!r}.")
-        if self.formulation not in FORMULATIONS:
-            raise ValueError(f"Unknown formulation {self.formulation!r}; choose one of {FORMULATIONS}.")
-        _check_count("max_iter", self.max_iter, allow_none=False)
-        if not self.tolerance > 0:
-            raise ValueError(f"tolerance must be > 0, got {self.tolerance!r}.")
+        check_alpha(self.alpha)
+        check_choice("formulation", self.formulation, FORMULATIONS)
+        check_solver_options(self.tolerance, self.max_iter, minimum_iterations=1)
+        check_flag("warm_start", self.warm_start)
 
 
 @dataclass(frozen=True)
@@ -130,9 +121,11 @@ class StoreConfig(_Options):
     dtype: str | None = None
 
     def __post_init__(self) -> None:
-        _check_count("keep_last", self.keep_last)
-        if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
-            raise ValueError(f"Unknown storage dtype {self.dtype!r}; choose one of {list(STORAGE_DTYPES)} or None.")
+        check_path("dir", self.dir)
+        check_flag("overwrite", self.overwrite)
+        check_count("keep_last", self.keep_last)
+        if self.dtype is not None:
+            check_choice("storage dtype", self.dtype, STORAGE_DTYPES)
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

@@ -444,7 +444,7 @@ class FidelityPipeline:
         surrogate = self.fit(features, num_outputs, previous, progress)
         fitted = time.perf_counter()
         fidelity, rows, surrogate_logits = self.score(surrogate, features)
-        warning = _fidelity_warning(features, surrogate_logits, fidelity)
+        warning = " ".join(filter(None, [_fidelity_warning(features, surrogate_logits, fidelity), surrogate.fit_record.get("warning", "")]))
         if warning:
             warnings.warn(f"Fidelity checkpoint{'' if epoch is None else f' at epoch {epoch}'}: {warning}", stacklevel=2)
         record = CheckpointRecord(

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     [
         (dict(surrogate={"formulation": "multinomal"}), "Unknown formulation 'multinomal'"),
         (dict(surrogate={"alpah": 1e-3}), r"Unknown SurrogateConfig option\(s\) \['alpah'\]"),
-        (dict(surrogate={"alpha": -1.0}), "alpha is an L2 penalty and must be a number > 0"),
+        (dict(surrogate={"alpha": -1.0}), "alpha is an L2 penalty and must be > 0"),
         (dict(projection={"projector": "sketchy"}), "Unknown projector 'sketchy'"),
         (dict(every_n_epochs=True), "every_n_epochs must be a positive integer or None"),
         (dict(epochs=[-1]), r"epochs must be 0-based epoch numbers"),
