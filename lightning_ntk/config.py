@@ -9,8 +9,10 @@ as nested options (``--trainer.callbacks.init_args.projection.dim 512``).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -130,3 +132,53 @@ class StoreConfig(_Options):
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return None if self.dtype is None else STORAGE_DTYPES[self.dtype]
+
+
+_GROUPS: dict[str, type[_Options]] = {"projection": ProjectionConfig, "subsets": SubsetConfig, "surrogate": SurrogateConfig, "store": StoreConfig}
+# keyword options of earlier versions → (the constructor's config argument, its field; None: the dict's keys are fields)
+MOVED_OPTIONS: dict[str, tuple[str, str | None]] = {
+    "projection_dim": ("projection", "dim"),
+    "projector": ("projection", "projector"),
+    "seed": ("projection", "seed"),
+    "featurizer_options": ("projection", None),
+    "max_train_examples": ("subsets", "max_train_examples"),
+    "max_query_examples": ("subsets", "max_query_examples"),
+    "batch_size": ("subsets", "batch_size"),
+    "alpha": ("surrogate", "alpha"),
+    "formulation": ("surrogate", "formulation"),
+    "surrogate_options": ("surrogate", None),
+    "store_dir": ("store", "dir"),
+    "overwrite_store": ("store", "overwrite"),
+}
+
+
+def refuse_moved_options(elsewhere: dict[str, str] | None = None) -> Callable[[Callable], Callable]:
+    """Decorate a constructor so that an option of :data:`MOVED_OPTIONS` it no longer takes is refused with
+    where it moved, instead of Python's bare "unexpected keyword argument". ``elsewhere``: for a config
+    group the constructor does not take, where its options go instead. The signature is kept (for LightningCLI)."""
+
+    def decorate(init: Callable) -> Callable:
+        accepted = set(inspect.signature(init).parameters)
+
+        def where(option: str) -> str:
+            group, field = MOVED_OPTIONS[option]
+            if group not in accepted:
+                return f"{option} moved: {(elsewhere or {})[group]}"
+            config = _GROUPS[group].__name__
+            if field is None:
+                return f"{option} moved into {group}={config}(...) (or {group}={{...}}): its keys are {config}'s fields {[f.name for f in dataclasses.fields(_GROUPS[group])]}"
+            text = f"{option} moved into {group}={config}({field}=...) (or {group}={{'{field}': ...}})"
+            if option == "seed":  # the one option of two groups
+                text += " for the projection; the subsets' seed: " + ("subsets=SubsetConfig(seed=...)" if "subsets" in accepted else (elsewhere or {})["subsets"])
+            return text
+
+        @functools.wraps(init)
+        def checked(self, *args: Any, **kwargs: Any) -> None:
+            moved = [option for option in kwargs if option in MOVED_OPTIONS and option not in accepted]
+            if moved:
+                raise TypeError(f"{type(self).__name__}: " + "; ".join(where(option) for option in moved) + ".")
+            init(self, *args, **kwargs)
+
+        return checked
+
+    return decorate

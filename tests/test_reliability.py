@@ -1,6 +1,7 @@
 """Faults and bad input around the callback: each either gets a clear error before training or a warning,
 and nothing logged or trained is lost (see docs/reliability.md)."""
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         (dict(subsets={"batch_size": 0}), "batch_size must be an integer ≥ 1"),
         (dict(store={"dtype": "float8"}), "Unknown storage dtype 'float8'"),
         (dict(top_k=-1), "top_k must be an integer ≥ 0"),
+        (dict(surrogate={"alpha": float("inf")}), "alpha is an L2 penalty and must be > 0 and finite, got inf"),
+        (dict(surrogate={"tolerance": "x"}), "tolerance must be > 0 and finite.*got 'x'"),
+        (dict(surrogate={"warm_start": "no"}), "warm_start must be True or False, got 'no'"),
+        (dict(projection={"seed": "a"}), "seed must be an integer ≥ 0, got 'a'"),
+        (dict(subsets={"seed": 1.5}), "seed must be an integer ≥ 0, got 1.5"),
+        (dict(subsets={"max_train_examples": 0}), "max_train_examples must be an integer ≥ 1 or None, got 0"),
+        (dict(store={"dir": 5}), "dir must be a folder path.*got 5"),
+        (dict(store={"overwrite": "yes"}), "overwrite must be True or False, got 'yes'"),
+        (dict(store={"dtype": ["float16"]}), r"Unknown storage dtype \['float16'\]"),
     ],
 )
 def test_bad_options_fail_in_the_constructor(options, message):
@@ -192,3 +202,26 @@ def test_ddp_spawn_hands_the_history_back(tmp_path):
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     train_with_ddp_spawn(Path(sys.argv[1]))
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("projection_dim", r"projection_dim moved into projection=ProjectionConfig\(dim=...\) \(or projection=\{'dim': ...\}\)"),
+        ("seed", r"seed moved into projection=ProjectionConfig\(seed=...\).*the subsets' seed"),
+        ("store_dir", "store_dir moved"),
+        ("surrogate_options", r"surrogate_options moved into surrogate=SurrogateConfig\(...\).*'max_iter', 'tolerance'"),
+        ("featurizer_options", "featurizer_options moved into projection=ProjectionConfig"),
+        ("alpha", r"alpha moved into surrogate=SurrogateConfig\(alpha=...\)"),
+    ],
+)
+def test_options_of_earlier_versions_say_where_they_moved(option, message):
+    """Both constructors read one table of moved options; the signature LightningCLI reads is unchanged."""
+    for make in (lambda **kw: NTKAttributionCallback(**kw), lambda **kw: ln.FidelityPipeline(nn.Linear(4, 3), **kw)):
+        with pytest.raises(TypeError, match=message):
+            make(**{option: 1})
+    with pytest.raises(TypeError, match="max_train_examples moved: pass max_train_examples.*to run()"):
+        ln.FidelityPipeline(nn.Linear(4, 3), max_train_examples=10)
+    with pytest.raises(TypeError, match=r"batch_size moved into subsets=SubsetConfig\(batch_size=...\)"):
+        NTKAttributionCallback(batch_size=10)
+    assert "projection" in inspect.signature(NTKAttributionCallback).parameters
