@@ -492,8 +492,8 @@ def _convergence_warning(stop: str, gaps: list[float], tolerance: float) -> str:
                 f"a tolerance of {10 * gap:.0e} accepts it.")
     if stop == "max_iter":
         recent = gaps[max(0, len(gaps) - 4)]
-        if steps == 0 or gap < 1e-2 * recent:  # still shrinking as Newton steps do near the optimum
-            return f"{head}, still shrinking fast: raise max_iter (SurrogateConfig max_iter)."
+        if steps < 5 or gap < 1e-2 * recent:  # too few steps to judge (a fit takes about ten), or still shrinking as near the optimum
+            return f"{head}: raise max_iter (SurrogateConfig max_iter; a fit takes about ten steps)."
         return (f"{head}, shrinking slowly (from {recent:.2g} over the last {min(3, steps)} steps): the problem is badly conditioned "
                 "at this alpha. Raise alpha (SurrogateConfig alpha, e.g. tenfold); more max_iter would cost much for little.")
     cause = "rounding left no descent direction" if stop == "no_descent" else "a Newton step overflowed"

@@ -2,6 +2,7 @@
 and nothing logged or trained is lost (see docs/reliability.md)."""
 
 import inspect
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +226,14 @@ def test_options_of_earlier_versions_say_where_they_moved(option, message):
     with pytest.raises(TypeError, match=r"batch_size moved into subsets=SubsetConfig\(batch_size=...\)"):
         NTKAttributionCallback(batch_size=10)
     assert "projection" in inspect.signature(NTKAttributionCallback).parameters
+
+
+def test_a_fit_that_stops_short_says_so_in_the_record_and_the_log_line(tmp_path, caplog):
+    """A surrogate fit cut short by max_iter: the record's warning and the callback's log line say it did
+    not converge and what helps."""
+    callback = small_callback(surrogate={"max_iter": 1}, top_k=0, at_fit_end=False)
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path, [callback], max_epochs=1)
+    record = callback.history[-1]
+    assert not record.surrogate_converged and "did not converge" in record.warning and "max_iter" in record.warning
+    assert any("not converged" in line and "Warning: the surrogate's fit did not converge" in line for line in caplog.messages)
