@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import dashboards
 from .attribution import Attribution, attribute, suspicious
-from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig
+from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig, refuse_moved_options
 from .featurize import retained_heap
 from .metrics import predictions
 from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, describe_params, example_set
@@ -107,6 +107,7 @@ class NTKAttributionCallback(L.Callback):
             their logged metrics (``ntk/<name>/...`` instead of ``ntk/...``).
     """
 
+    @refuse_moved_options()
     def __init__(
         self,
         kernel: str = "proj_trntk",
@@ -338,7 +339,8 @@ class NTKAttributionCallback(L.Callback):
         filler = positions[-1:] if len(positions) else torch.zeros(1, dtype=torch.long)
         positions = torch.cat([positions, filler.repeat(per_rank - len(positions))])
         progress = f"NTK features ({examples.name})" if trainer.progress_bar_callback is not None and trainer.is_global_zero else False
-        local = self.pipeline.features(examples.loader(positions, self.subsets.batch_size), progress=progress, with_logits=with_logits)
+        local = self.pipeline.features(examples.loader(positions, self.subsets.batch_size), progress=progress, with_logits=with_logits,
+                                       name=f"{examples.name}_features")
         parts = local if with_logits else (local,)
         if world > 1:
             order = torch.arange(n)
@@ -394,6 +396,7 @@ class NTKAttributionCallback(L.Callback):
             f"{record.num_query} query examples); featurize {record.featurize_seconds:.1f} s"
             f"{' (reused from the store)' if record.store_reused else ''}, fit {record.fit_seconds:.1f} s ({record.fit_iterations} iterations"
             f"{'' if record.surrogate_converged else ', not converged'}), score {record.score_seconds:.1f} s."
+            f"{f' Warning: {record.warning}' if record.warning else ''}"
         )
         dashboards.log_scalars(trainer.loggers, record, self.prefix)
         if trainer.is_global_zero:
