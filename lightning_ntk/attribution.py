@@ -128,7 +128,7 @@ class _Influence:
         curvature = surrogate.curvature
         if curvature is None:
             raise ValueError("This surrogate carries no curvature (it was not fitted by fit_from_kernel/fit_from_features): refit it, or use method='representer'.")
-        self.curvature, self.alpha = curvature, float(surrogate.hparams.alpha)
+        self.curvature, self.alpha = curvature, surrogate.penalty
         self.num_train = surrogate.hparams.num_train
         self.weight = surrogate.weight.detach().double().cpu()
         self.width, self.outputs = curvature.basis.shape[1] + 1, self.weight.shape[0]

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import dashboards
 from .attribution import Attribution, attribute, suspicious
-from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig
+from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig, refuse_moved_options
 from .featurize import retained_heap
 from .metrics import predictions
 from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, describe_params, example_set
@@ -144,6 +144,7 @@ class NTKAttributionCallback(L.Callback):
     :class:`~lightning_ntk.config.StoreConfig`) and its size is logged.
     """
 
+    @refuse_moved_options()
     def __init__(
         self,
         kernel: str = "proj_trntk",
@@ -457,7 +458,8 @@ class NTKAttributionCallback(L.Callback):
         filler = positions[-1:] if len(positions) else torch.zeros(1, dtype=torch.long)
         positions = torch.cat([positions, filler.repeat(per_rank - len(positions))])
         progress = f"NTK features ({examples.name})" if trainer.progress_bar_callback is not None and trainer.is_global_zero else False
-        local = self.pipeline.features(examples.loader(positions, self.subsets.batch_size), progress=progress, with_logits=with_logits)
+        local = self.pipeline.features(examples.loader(positions, self.subsets.batch_size), progress=progress, with_logits=with_logits,
+                                       name=f"{examples.name}_features")
         parts = local if with_logits else (local,)
         if world > 1:
             order = torch.arange(n)
@@ -515,6 +517,7 @@ class NTKAttributionCallback(L.Callback):
                 f"{record.featurize_seconds:.1f} s{' (reused from the store)' if record.store_reused else ''}, fit {record.fit_seconds:.1f} s "
                 f"({record.fit_iterations} iterations{'' if record.surrogate_converged else ', not converged'}), score "
                 f"{record.score_seconds:.1f} s; store {self._store.size_bytes() / 1e6:.0f} MB in {self._store.root}."
+                f"{f' Warning: {record.warning}' if record.warning else ''}"
             )
         dashboards.log_scalars(trainer.loggers, record, self.prefix)
         if trainer.is_global_zero:

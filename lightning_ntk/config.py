@@ -9,24 +9,19 @@ as nested options (``--trainer.callbacks.init_args.projection.dim 512``).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 
+from .checks import FORMULATIONS, check_alpha, check_choice, check_count, check_flag, check_path, check_solver_options
 from .projection import PROJECTOR_KINDS, check_product_precision, check_projection_dim
-from .surrogate import FORMULATIONS
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 _Config = TypeVar("_Config", bound="_Options")
-
-
-def _check_count(name: str, value: Any, allow_none: bool = True, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}{' or None' if allow_none else ''}, got {value!r}.")
 
 
 class _Options:
@@ -68,8 +63,8 @@ class ProjectionConfig(_Options):
 
     def __post_init__(self) -> None:
         check_projection_dim(self.dim)
-        if self.projector not in PROJECTOR_KINDS:
-            raise ValueError(f"Unknown projector {self.projector!r}; choose one of {PROJECTOR_KINDS}.")
+        check_choice("projector", self.projector, PROJECTOR_KINDS)
+        check_count("seed", self.seed, allow_none=False, minimum=0)
         check_product_precision(self.product_precision)
 
 
@@ -84,9 +79,10 @@ class SubsetConfig(_Options):
     batch_size: int = 128
 
     def __post_init__(self) -> None:
-        _check_count("max_train_examples", self.max_train_examples)
-        _check_count("max_query_examples", self.max_query_examples)
-        _check_count("batch_size", self.batch_size, allow_none=False)
+        check_count("max_train_examples", self.max_train_examples)
+        check_count("max_query_examples", self.max_query_examples)
+        check_count("seed", self.seed, allow_none=False, minimum=0)
+        check_count("batch_size", self.batch_size, allow_none=False)
 
 
 @dataclass(frozen=True)
@@ -104,13 +100,10 @@ class SurrogateConfig(_Options):
     warm_start: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"alpha is an L2 penalty and must be a number > 0 (without it the fit has no minimum), got {self.alpha!r}.")
-        if self.formulation not in FORMULATIONS:
-            raise ValueError(f"Unknown formulation {self.formulation!r}; choose one of {FORMULATIONS}.")
-        _check_count("max_iter", self.max_iter, allow_none=False)
-        if not self.tolerance > 0:
-            raise ValueError(f"tolerance must be > 0, got {self.tolerance!r}.")
+        check_alpha(self.alpha)
+        check_choice("formulation", self.formulation, FORMULATIONS)
+        check_solver_options(self.tolerance, self.max_iter, minimum_iterations=1)
+        check_flag("warm_start", self.warm_start)
 
 
 @dataclass(frozen=True)
@@ -130,10 +123,62 @@ class StoreConfig(_Options):
     dtype: str | None = None
 
     def __post_init__(self) -> None:
-        _check_count("keep_last", self.keep_last)
-        if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
-            raise ValueError(f"Unknown storage dtype {self.dtype!r}; choose one of {list(STORAGE_DTYPES)} or None.")
+        check_path("dir", self.dir)
+        check_flag("overwrite", self.overwrite)
+        check_count("keep_last", self.keep_last)
+        if self.dtype is not None:
+            check_choice("storage dtype", self.dtype, STORAGE_DTYPES)
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return None if self.dtype is None else STORAGE_DTYPES[self.dtype]
+
+
+_GROUPS: dict[str, type[_Options]] = {"projection": ProjectionConfig, "subsets": SubsetConfig, "surrogate": SurrogateConfig, "store": StoreConfig}
+# keyword options of earlier versions → (the constructor's config argument, its field; None: the dict's keys are fields)
+MOVED_OPTIONS: dict[str, tuple[str, str | None]] = {
+    "projection_dim": ("projection", "dim"),
+    "projector": ("projection", "projector"),
+    "seed": ("projection", "seed"),
+    "featurizer_options": ("projection", None),
+    "max_train_examples": ("subsets", "max_train_examples"),
+    "max_query_examples": ("subsets", "max_query_examples"),
+    "batch_size": ("subsets", "batch_size"),
+    "alpha": ("surrogate", "alpha"),
+    "formulation": ("surrogate", "formulation"),
+    "surrogate_options": ("surrogate", None),
+    "store_dir": ("store", "dir"),
+    "overwrite_store": ("store", "overwrite"),
+}
+
+
+def refuse_moved_options(elsewhere: dict[str, str] | None = None) -> Callable[[Callable], Callable]:
+    """Decorate a constructor so that an option of :data:`MOVED_OPTIONS` it no longer takes is refused with
+    where it moved, instead of Python's bare "unexpected keyword argument". ``elsewhere``: for a config
+    group the constructor does not take, where its options go instead. The signature is kept (for LightningCLI)."""
+
+    def decorate(init: Callable) -> Callable:
+        accepted = set(inspect.signature(init).parameters)
+
+        def where(option: str) -> str:
+            group, field = MOVED_OPTIONS[option]
+            if group not in accepted:
+                return f"{option} moved: {(elsewhere or {})[group]}"
+            config = _GROUPS[group].__name__
+            if field is None:
+                return f"{option} moved into {group}={config}(...) (or {group}={{...}}): its keys are {config}'s fields {[f.name for f in dataclasses.fields(_GROUPS[group])]}"
+            text = f"{option} moved into {group}={config}({field}=...) (or {group}={{'{field}': ...}})"
+            if option == "seed":  # the one option of two groups
+                text += " for the projection; the subsets' seed: " + ("subsets=SubsetConfig(seed=...)" if "subsets" in accepted else (elsewhere or {})["subsets"])
+            return text
+
+        @functools.wraps(init)
+        def checked(self, *args: Any, **kwargs: Any) -> None:
+            moved = [option for option in kwargs if option in MOVED_OPTIONS and option not in accepted]
+            if moved:
+                raise TypeError(f"{type(self).__name__}: " + "; ".join(where(option) for option in moved) + ".")
+            init(self, *args, **kwargs)
+
+        return checked
+
+    return decorate

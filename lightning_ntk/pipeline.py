@@ -31,7 +31,8 @@ from torch.utils.data.dataloader import default_collate
 
 from . import __version__
 from .attribution import Attribution, attribute, suspicious
-from .config import ProjectionConfig, SurrogateConfig
+from .checks import check_count
+from .config import ProjectionConfig, SubsetConfig, SurrogateConfig, refuse_moved_options
 from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, model_device_dtype, retained_heap, stream_features
 from .jacobian import NonFiniteGradientError, check_logits, eval_mode, non_finite_rows_kept, select_parameters, state_fingerprint
 from .kernels import as_tensor, kernel_from_features
@@ -186,6 +187,25 @@ def example_set(name: str, source: Any, limit: int | None = None, seed: int = 0)
     else:
         indices = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
     return ExampleSet(name, dataset, indices, collate_fn)
+
+
+def storable(values: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``values`` in ``dtype``, unless they exceed its range (float16 ends at 65,504, where unnormalised
+    features of large inputs overflow to inf): then in bfloat16, of the same size and float32's range (float32
+    if even that overflows), with a warning naming the array."""
+    if not (values.is_floating_point() and dtype.is_floating_point) or values.numel() == 0:
+        return values.to(dtype)
+    peak = float(values.abs().max())
+    if not math.isfinite(peak) or peak <= torch.finfo(dtype).max:
+        return values.to(dtype)
+    wider = torch.bfloat16 if peak <= torch.finfo(torch.bfloat16).max else torch.float32
+    warnings.warn(
+        f"The {name} reach {peak:.4g}, beyond the range of {str(dtype).removeprefix('torch.')} (up to {torch.finfo(dtype).max:.6g}): "
+        f"they are kept in {str(wider).removeprefix('torch.')} instead. Use a normalised kernel (proj_trntk, trntk), or "
+        "store={'dtype': 'bfloat16'} (or float32), to keep them in one dtype.",
+        stacklevel=3,
+    )
+    return values.to(wider)
 
 
 def describe_params(params: Any) -> Any:
@@ -359,6 +379,10 @@ class FidelityPipeline:
         batch_size, memory_budget: examples per featurized batch, and the bytes the stages may hold.
     """
 
+    @refuse_moved_options(elsewhere={
+        "subsets": "pass max_train_examples, max_query_examples and seed (of the subsets) to run()",
+        "store": "pass store=FeatureStore(folder) and overwrite=True to run()",
+    })
     def __init__(
         self,
         model: nn.Module,
@@ -376,6 +400,7 @@ class FidelityPipeline:
         self.kernel: Kernel = get_kernel(kernel)
         if not self.kernel.scalar:
             raise ValueError(f"The {self.kernel.name} is a C×C block per pair, not a kernel a surrogate can use; choose trntk or pntk.")
+        check_count("batch_size", batch_size, allow_none=False)
         self.model = model
         self.projection = ProjectionConfig.of(projection)
         self.surrogate = SurrogateConfig.of(surrogate)
@@ -403,11 +428,15 @@ class FidelityPipeline:
         selected = select_parameters(self.model, None if not self.kernel.from_gradients else self.params)
         return FeatureSpec(self.kernel.family, None, None, None, sum(p.numel() for p in selected.values()), state_fingerprint(self.model, selected))
 
-    def features(self, data: Any, progress: bool | str = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def features(
+        self, data: Any, progress: bool | str = False, with_logits: bool = False, name: str = "features"
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Kernel features of ``data`` (model inputs, or an iterable of batches), on the CPU in the
-        storage precision: the kernel is their (normalised) inner product. ``with_logits``: and the
-        network's logits on ``data`` (float32), from the featurization's own forward passes where it has them.
-        An example whose gradients hold NaN or inf keeps them in its row (:meth:`evaluate` leaves it out)."""
+        storage precision (or a wider one where they exceed its range, see :func:`storable`): the kernel
+        is their (normalised) inner product. ``with_logits``: and the network's logits on ``data``
+        (float32), from the featurization's own forward passes where it has them. ``name``: the array's,
+        for the warning. An example whose gradients hold NaN or inf keeps them in its row (:meth:`evaluate`
+        leaves it out)."""
         logits = None
         with non_finite_rows_kept():
             if self.featurizer is not None:
@@ -417,9 +446,10 @@ class FidelityPipeline:
                 out = gradient_features(self.model, data, self.kernel.name, params=self.params, task=self.task, batch_size=self.batch_size)
             else:
                 out = embedding_features(self.model, data, self.kernel.name, self.layers, task=self.task, batch_size=self.batch_size)
+        out = storable(out, self.storage_dtype, name)
         if not with_logits:
-            return out.to(self.storage_dtype)
-        return out.to(self.storage_dtype), (logits if logits is not None else self.logits(data)).float()
+            return out
+        return out, (logits if logits is not None else self.logits(data)).float()
 
     def logits(self, data: Any) -> torch.Tensor:
         """The network's logits on ``data`` in eval mode, refused unless ``[B, C]``."""
@@ -455,8 +485,8 @@ class FidelityPipeline:
     def featurize(self, reference: ExampleSet, query: ExampleSet) -> CheckpointFeatures:
         """Both sides' features and the network's query logits, in one process."""
         with retained_heap(model_device_dtype(self.model)[0]):  # one heap for both sides
-            reference_features = self.features(reference.loader(batch_size=self.batch_size))
-            query_features, query_logits = self.features(query.loader(batch_size=self.batch_size), with_logits=True)
+            reference_features = self.features(reference.loader(batch_size=self.batch_size), name="reference_features")
+            query_features, query_logits = self.features(query.loader(batch_size=self.batch_size), with_logits=True, name="query_features")
         return CheckpointFeatures(reference_features, reference.labels, reference.indices, query_features, query.labels, query.indices, query_logits)
 
     # -- store -------------------------------------------------------------------------------------
@@ -523,7 +553,8 @@ class FidelityPipeline:
         surrogate = self.fit(features, num_outputs, previous, progress)
         fitted = time.perf_counter()
         fidelity, rows, surrogate_logits = self.score(surrogate, features)
-        warning = _fidelity_warning(features, surrogate_logits, fidelity)
+        # a fit cut short comes first: it may be why the surrogate is unfaithful
+        warning = " ".join(filter(None, [surrogate.fit_record.get("warning", ""), _fidelity_warning(features, surrogate_logits, fidelity)]))
         if warning:
             warnings.warn(f"Fidelity checkpoint{'' if epoch is None else f' at epoch {epoch}'}: {warning}", stacklevel=2)
         record = CheckpointRecord(
@@ -556,7 +587,9 @@ class FidelityPipeline:
         """Featurize ``reference`` and ``query`` (Datasets, DataLoaders or ``(inputs, labels)``
         tensors, subsampled with ``seed``), keep the features in ``store`` as entry ``name`` (reused
         when it holds the same request), fit the surrogate and score it."""
-        reference_set, query_set = example_set("reference", reference, max_train_examples, seed), example_set("query", query, max_query_examples, seed)
+        subsets = SubsetConfig(max_train_examples, max_query_examples, seed, self.batch_size)  # checks them before any work
+        reference_set = example_set("reference", reference, subsets.max_train_examples, subsets.seed)
+        query_set = example_set("query", query, subsets.max_query_examples, subsets.seed)
         for examples in (reference_set, query_set):
             examples.scan(self.task, self.batch_size)
         self.check(reference_set, query_set)

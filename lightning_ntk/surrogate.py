@@ -1,7 +1,9 @@
 """The kernel-machine surrogate (kGLM): ``logits(x) = W κ(x, X_train) + b``, a ``LightningModule``.
 
-It is fitted on the training labels by minimising the mean cross-entropy plus ``α/2·‖W‖²`` (the bias
-is not penalised, as in sklearn). Its inputs are kernel rows: a precomputed ``[N, N]`` matrix, or
+It is fitted on the training labels by minimising the mean cross-entropy plus ``α/2·κ̄²‖W‖²``, where
+``κ̄`` is the kernel's mean diagonal (1 for a cosine-normalised kernel, where this is the paper's
+``α/2·‖W‖²``): the problem on the kernel ``K / κ̄``, so that the fit, its logits and α's meaning do not
+depend on the kernel's units (the bias is not penalised, as in sklearn). Its inputs are kernel rows: a precomputed ``[N, N]`` matrix, or
 stored ``[N, C, K]`` / ``[N, K]`` features, whose kernel ``Φ Φᵀ`` is applied as ``Φ (Φᵀ x)`` without
 being formed (memory ``O(N·C·K)``).
 
@@ -33,13 +35,16 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .checks import FORMULATIONS, check_alpha, check_choice, check_count, check_solver_options
 from .featurize import FeatureSpec
 from .jacobian import all_finite
 from .kernels import DEFAULT_BLOCK_SIZE, as_tensor, unit_rows
 from .metrics import predictions
 
-FORMULATIONS = ("multinomial", "ovr")
 NORMALISED_TOLERANCE = 1e-3  # a cosine kernel has a unit diagonal and |κ| ≤ 1, up to float32 rounding
+# relative to the kernel's size: far above the rounding of float32 (or bfloat16-input) products, far below a real fault
+ASYMMETRY_TOLERANCE = 1e-2  # ‖K − Kᵀ‖_F / ‖K‖_F
+INDEFINITE_TOLERANCE = 1e-2  # a negative eigenvalue against the largest
 
 
 def check_finite(values: torch.Tensor, name: str) -> None:
@@ -151,15 +156,16 @@ class _CrossEntropy:
 
 
 class _KernelOperator:
-    """Products ``K x`` with the training kernel, held as an ``[N, N]`` matrix or as features ``Φ``
-    (``[N, F]``, ``K = Φ Φᵀ``), on the device the fit runs on.
+    """Products ``K x / scale`` with the training kernel, held as an ``[N, N]`` matrix or as features ``Φ``
+    (``[N, F]``, ``K = Φ Φᵀ``), on the device the fit runs on. ``scale``, the kernel's mean diagonal, puts
+    the kernel in units of itself, so that the solver sees the same problem whatever the kernel's units.
 
     Products run in the storage precision and return float64; :meth:`exact` accumulates in float64
     (row block by row block), for the final objective. ``passes`` counts the passes over the kernel.
     """
 
-    def __init__(self, values: torch.Tensor, factored: bool):
-        self.values, self.factored = values, factored
+    def __init__(self, values: torch.Tensor, factored: bool, scale: float = 1.0):
+        self.values, self.factored, self.scale = values, factored, scale
         self.size = values.shape[0]
         self.passes = 0
 
@@ -171,11 +177,11 @@ class _KernelOperator:
             x = x.masked_fill(x.abs() < x.abs().amax(0) * 2.0**-60, 0.0)
         x = x.to(self.values.dtype)
         product = self.values @ (self.values.T @ x) if self.factored else self.values @ x
-        return product.double()
+        return product.double() / self.scale
 
     def diagonal(self) -> torch.Tensor:
-        """The kernel's diagonal, ``κ(x_i, x_i)``, in float64."""
-        return self.values.double().pow(2).sum(1) if self.factored else self.values.diagonal().double()
+        """The scaled kernel's diagonal, ``κ(x_i, x_i) / scale``, in float64."""
+        return (self.values.double().pow(2).sum(1) if self.factored else self.values.diagonal().double()) / self.scale
 
     def exact(self, x: torch.Tensor, block_elements: int = 1 << 24) -> torch.Tensor:
         if self.values.dtype == torch.float64:
@@ -185,8 +191,8 @@ class _KernelOperator:
         blocks = [slice(start, start + rows) for start in range(0, self.size, rows)]
         if self.factored:
             projected = sum(self.values[block].double().T @ x[block] for block in blocks)
-            return torch.cat([self.values[block].double() @ projected for block in blocks])
-        return torch.cat([self.values[block].double() @ x for block in blocks])
+            return torch.cat([self.values[block].double() @ projected for block in blocks]) / self.scale
+        return torch.cat([self.values[block].double() @ x for block in blocks]) / self.scale
 
 
 def _top_eigenpairs(kernel: _KernelOperator, rank: int, oversample: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,6 +204,14 @@ def _top_eigenpairs(kernel: _KernelOperator, rank: int, oversample: int = 10, se
     range_basis = torch.linalg.qr(kernel(sketch.to(device))).Q
     image = kernel(range_basis)
     core, rotation = torch.linalg.eigh(0.5 * (range_basis.T @ image + image.T @ range_basis))
+    # these Ritz values lie within the kernel's spectrum: a clearly negative one proves it indefinite
+    if core[0] < -INDEFINITE_TOLERANCE * core[-1].abs():
+        raise ValueError(
+            f"The training kernel is not positive semidefinite: it has an eigenvalue of at most {float(core[0]) * kernel.scale:.4g} "
+            f"(its largest is about {float(core[-1]) * kernel.scale:.4g}), so it is no kernel of features (κ(x, x') = φ(x)·φ(x')) "
+            "and the surrogate's fit is not defined by it. Build it with kernel_from_features or exact_kernel, or pass a "
+            "similarity that is a kernel (a distance matrix is not: use e.g. exp(-d²/σ²))."
+        )
     # K ≈ factor factorᵀ; directions the kernel (numerically) annihilates are left out
     factor = image @ rotation * torch.where(core > core.max() * 1e-12, core.rsqrt(), 0.0)
     basis, singular_values, _ = torch.linalg.svd(factor, full_matrices=False)
@@ -304,6 +318,14 @@ class Curvature:
     losses: torch.Tensor
     kernel_diagonal: torch.Tensor
 
+    def unscaled(self, scale: float) -> "Curvature":
+        """This curvature, computed on the kernel divided by ``scale``, for the kernel itself: the weights
+        ``W`` are the solver's divided by ``scale``, so the Hessian's rows and columns on the basis are
+        multiplied by it (and so are its Cholesky factor's rows)."""
+        factor = self.hessian_factor.clone()
+        factor[: self.basis.shape[1] * self.residuals.shape[1]] *= scale
+        return Curvature(self.basis, self.eigenvalues * scale, factor, self.residuals, self.losses, self.kernel_diagonal * scale)
+
     def to(self, device: str | torch.device) -> "Curvature":
         return Curvature(*(getattr(self, f.name).to(device) for f in fields(self)))
 
@@ -398,7 +420,7 @@ def _solve(
 
     history: list[float] = []
     gaps: list[float] = []
-    refined_at, stalled = None, False
+    refined_at, stop = None, "max_iter"
     refinable = kernel.values.dtype != torch.float64
     for iteration in range(max_iter + 1):
         if objective.precise:  # free of the rounding that steps taken in the kernel's precision accumulate
@@ -414,18 +436,23 @@ def _solve(
         gaps.append(gap)
         if progress is not None:
             progress(iteration, value)
-        if gap <= tolerance or iteration == max_iter:
+        if gap <= tolerance:
+            stop = "converged"
+            break
+        if iteration == max_iter:
             break
         if len(gaps) > 3 and min(gaps[-3:]) >= gaps[-4] and (objective.precise or not refinable):
-            stalled = True  # three steps without progress at float64 accumulation: rounding sets the gap
+            stop = "stalled"  # three steps without progress at float64 accumulation: rounding sets the gap
             break
         step, logit_step = _newton_step(objective, probabilities, preconditioner, gradient, direction, min(0.5, math.sqrt(gap)), max_cg)
         slope = float((gradient * step).sum())
         if not slope < 0:  # rounding errors dominate the gradient: no descent direction is left
+            stop = "no_descent"
             break
         length = _line_search(objective, logits, logit_step, theta, step, slope)
         new_theta, new_logits = theta + length * step, logits + length * logit_step
         if not (all_finite(new_theta) and all_finite(new_logits)):
+            stop = "non_finite"
             break
         theta, logits = new_theta, new_logits
 
@@ -447,9 +474,30 @@ def _solve(
         "warm_start": warm,
         "precision": "float64" if objective.precise or not refinable else "float32",
         "refined_at": refined_at,
-        "stalled": stalled,
+        "stalled": stop == "stalled",
+        "stop": stop,
+        "warning": _convergence_warning(stop, gaps, tolerance),
     }
     return theta, history, record, curvature
+
+
+def _convergence_warning(stop: str, gaps: list[float], tolerance: float) -> str:
+    """Why a fit stopped short of its tolerance and what would help, in words (empty once converged)."""
+    if stop == "converged":
+        return ""
+    steps, gap = len(gaps) - 1, gaps[-1]
+    head = f"the surrogate's fit did not converge: after {steps} Newton step(s) its estimated gap to the optimum is {gap:.2g} (tolerance {tolerance:g})"
+    if stop == "stalled":
+        return (f"{head}, and it stopped shrinking: the data's rounding allows no less. The fit is as close as it gets; "
+                f"a tolerance of {10 * gap:.0e} accepts it.")
+    if stop == "max_iter":
+        recent = gaps[max(0, len(gaps) - 4)]
+        if steps < 5 or gap < 1e-2 * recent:  # too few steps to judge (a fit takes about ten), or still shrinking as near the optimum
+            return f"{head}: raise max_iter (SurrogateConfig max_iter; a fit takes about ten steps)."
+        return (f"{head}, shrinking slowly (from {recent:.2g} over the last {min(3, steps)} steps): the problem is badly conditioned "
+                "at this alpha. Raise alpha (SurrogateConfig alpha, e.g. tenfold); more max_iter would cost much for little.")
+    cause = "rounding left no descent direction" if stop == "no_descent" else "a Newton step overflowed"
+    return f"{head}: {cause}. Check the kernel for huge or NaN-like values, or raise alpha (SurrogateConfig alpha)."
 
 
 def _stalled(gaps: list[float]) -> bool:
@@ -491,15 +539,13 @@ class KernelSurrogate(L.LightningModule):
         normalized: bool | None = None,
         feature_shape: tuple[int, ...] | None = None,
         spec: dict | None = None,
+        kernel_scale: float = 1.0,
     ):
         super().__init__()
-        if formulation not in FORMULATIONS:
-            raise ValueError(f"Unknown formulation {formulation!r}; choose one of {FORMULATIONS}.")
-        if not alpha > 0:
-            raise ValueError(
-                f"alpha is an L2 penalty and must be > 0, got {alpha}: without it a kernel machine separates its training "
-                "set and its objective has no minimum."
-            )
+        check_choice("formulation", formulation, FORMULATIONS)
+        check_alpha(alpha)
+        if not (math.isfinite(kernel_scale) and kernel_scale > 0):
+            raise ValueError(f"kernel_scale must be a finite number > 0 (the kernel's mean diagonal), got {kernel_scale!r}.")
         if num_train <= 0 or num_outputs <= 0:
             raise ValueError(f"num_train and num_outputs must be positive, got {num_train} and {num_outputs}.")
         self.save_hyperparameters()
@@ -512,6 +558,12 @@ class KernelSurrogate(L.LightningModule):
         self.history: list[float] = []
         self.fit_record: dict[str, Any] = {}
         self.curvature: Curvature | None = None  # set by the fit
+
+    @property
+    def penalty(self) -> float:
+        """The L2 penalty on ``W`` against the kernel in its own units: ``α·kernel_scale²`` (α on the kernel
+        divided by its mean diagonal)."""
+        return float(self.hparams.alpha) * float(self.hparams.kernel_scale) ** 2
 
     @property
     def converged(self) -> bool:
@@ -543,9 +595,9 @@ class KernelSurrogate(L.LightningModule):
         return unit_query.to(self.weight.dtype) @ (self.train_features.T @ self.weight.T) + self.bias
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The training objective: mean (class-weighted for ``ovr``) cross-entropy plus ``α/2·‖W‖²``."""
+        """The training objective: mean (class-weighted for ``ovr``) cross-entropy plus ``penalty/2·‖W‖²``."""
         value, _ = self._cross_entropy(labels)(logits.double())
-        return value.to(logits.dtype) + 0.5 * self.hparams.alpha * self.weight.pow(2).sum()
+        return value.to(logits.dtype) + 0.5 * self.penalty * self.weight.pow(2).sum()
 
     # -- Lightning ---------------------------------------------------------------------------------
     def _batch_logits(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -678,26 +730,55 @@ def _fit(
     preconditioner_rank: int,
     progress: Callable[[int, float], None] | None,
 ) -> KernelSurrogate:
-    if tolerance <= 0 or max_iter < 0 or preconditioner_rank < 1:
-        raise ValueError(
-            f"tolerance must be > 0, max_iter ≥ 0 and preconditioner_rank ≥ 1, got {tolerance}, {max_iter} and {preconditioner_rank}."
-        )
+    check_solver_options(tolerance, max_iter)
+    check_count("preconditioner_rank", preconditioner_rank, allow_none=False)
     solve_on = _solve_device(device)
     surrogate.balance_classes(labels)
+    scale = float(surrogate.hparams.kernel_scale)
     loss = _CrossEntropy(labels.to(solve_on), surrogate.hparams.num_outputs, surrogate.hparams.formulation, surrogate.class_weights)
-    objective = _Objective(_KernelOperator(values.to(solve_on), factored), loss, surrogate.hparams.alpha)
+    objective = _Objective(_KernelOperator(values.to(solve_on), factored, scale), loss, surrogate.hparams.alpha)
     warm = init is not None and tuple(init.weight.shape) == tuple(surrogate.weight.shape)
     start = init if warm else surrogate
-    theta = torch.cat([start.weight.detach().T, start.bias.detach()[None]]).to(solve_on, torch.float64)
+    # the solver's unknowns are the weights on the scaled kernel K / scale: W·scale
+    theta = torch.cat([start.weight.detach().T * scale, start.bias.detach()[None]]).to(solve_on, torch.float64)
     theta, history, record, curvature = _solve(objective, theta, tolerance=tolerance, max_iter=max_iter, rank=preconditioner_rank, progress=progress)
     if values.dtype == torch.float64:  # float64 data gives a float64 surrogate
         surrogate.double()
     with torch.no_grad():
-        surrogate.weight.copy_(theta[:-1].T)
+        surrogate.weight.copy_(theta[:-1].T / scale)
         surrogate.bias.copy_(theta[-1])
-    surrogate.history, surrogate.fit_record = history, record
-    surrogate.curvature = curvature.to("cpu")
+    surrogate.history, surrogate.fit_record = history, {**record, "kernel_scale": scale}
+    surrogate.curvature = curvature.unscaled(scale).to("cpu")
     return surrogate
+
+
+def _kernel_scale(diagonal: torch.Tensor, normalized: bool) -> float:
+    """The unit the fit measures the kernel in: 1 for a cosine-normalised kernel, else its mean diagonal
+    (1 for a kernel that is zero, whose fit is the class frequencies)."""
+    mean = float(diagonal.double().mean())
+    return 1.0 if normalized or not mean > 0 else mean
+
+
+def _check_kernel(kernel: torch.Tensor, block_elements: int = 1 << 24) -> None:
+    """Refuse a training kernel that is clearly not symmetric, or has a negative diagonal entry: no Gram
+    matrix of features does (a negative eigenvalue is found by the solver's first passes). One pass, in row blocks."""
+    rows = max(1, block_elements // kernel.shape[0])
+    difference = norm = 0.0
+    for start in range(0, kernel.shape[0], rows):
+        block = kernel[start : start + rows].double()
+        difference += float((block - kernel[:, start : start + rows].T.double()).pow(2).sum())
+        norm += float(block.pow(2).sum())
+    if difference > ASYMMETRY_TOLERANCE**2 * norm:
+        raise ValueError(
+            f"The training kernel is not symmetric (‖K − Kᵀ‖ is {math.sqrt(difference / norm):.3g} of ‖K‖): a kernel has κ(x, x') = κ(x', x). "
+            "Pass the train×train kernel (kernel_from_features(train_features)), not a test×train block or a transposed product."
+        )
+    diagonal = kernel.diagonal()
+    if float(diagonal.min()) < -1e-6 * float(diagonal.abs().max()):
+        raise ValueError(
+            f"The training kernel has a negative diagonal entry ({float(diagonal.min()):.4g}), so it is not positive semidefinite "
+            "(κ(x, x) = ‖φ(x)‖² ≥ 0). Build it with kernel_from_features or exact_kernel, or pass a similarity that is a kernel."
+        )
 
 
 def fit_from_kernel(
@@ -719,7 +800,9 @@ def fit_from_kernel(
 
     ``num_outputs`` defaults to the number of classes in the labels (at least 2); pass 1 for a
     single-logit binary network. Whether the kernel is cosine-normalised is read off its diagonal and
-    enforced on test rows. A float64 kernel gives a float64 surrogate; float32 and float64 kernels reach
+    enforced on test rows. The kernel must be symmetric and positive semidefinite (a Gram matrix of
+    features); one that clearly is not is refused. ``alpha`` penalises ``W`` against the kernel divided by
+    its mean diagonal (see the module's docstring): ``k`` and ``k * 1e5`` give the same logits. A float64 kernel gives a float64 surrogate; float32 and float64 kernels reach
     the same optimum.
 
     The solver (see the module's docstring) stops once the estimated distance of the objective to its
@@ -739,12 +822,15 @@ def fit_from_kernel(
     ``precision`` (``"float64"`` when the last steps' kernel products accumulated in float64),
     ``refined_at`` (the step from which a float32 kernel's products were accumulated in float64, because
     their rounding had stopped the gap from shrinking; None if never) and ``stalled`` (the gap stopped
-    shrinking even in float64: the tolerance is below what the data's rounding allows).
+    shrinking even in float64: the tolerance is below what the data's rounding allows), ``stop`` (why the
+    solver stopped: ``"converged"``, ``"max_iter"``, ``"stalled"``, ``"no_descent"`` or ``"non_finite"``),
+    ``warning`` (empty once converged, else why and what would help) and ``kernel_scale`` (``κ̄``).
     """
     train_kernel = _fitting_tensor(train_kernel)
     if train_kernel.ndim != 2 or train_kernel.shape[0] != train_kernel.shape[1] or train_kernel.shape[0] == 0:
         raise ValueError(f"The training kernel must be a square [N, N] matrix, got {tuple(train_kernel.shape)}.")
     check_finite(train_kernel, "training kernel")
+    _check_kernel(train_kernel)
     labels, outputs = _labels(train_labels, train_kernel.shape[0], num_outputs)
     diagonal = train_kernel.diagonal()
     normalized = bool(
@@ -752,6 +838,7 @@ def fit_from_kernel(
     )
     surrogate = KernelSurrogate(
         train_kernel.shape[0], outputs, alpha, formulation, normalized=normalized, spec=spec.to_dict() if spec is not None else None,
+        kernel_scale=_kernel_scale(diagonal, normalized),
     )
     return _fit(surrogate, train_kernel, False, labels, init, device, tolerance, max_iter, preconditioner_rank, progress)
 
@@ -784,9 +871,11 @@ def fit_from_features(
         )
     num_train = train_features.shape[0]
     labels, outputs = _labels(train_labels, num_train, num_outputs)
+    flat = flat_unit_features(train_features, normalize)
     surrogate = KernelSurrogate(
         num_train, outputs, alpha, formulation, normalized=normalize,
         feature_shape=tuple(train_features.shape[1:]), spec=spec.to_dict() if spec is not None else None,
+        kernel_scale=_kernel_scale(flat.double().pow(2).sum(1), normalize),
     )
-    surrogate.train_features = flat_unit_features(train_features, normalize)
+    surrogate.train_features = flat
     return _fit(surrogate, surrogate.train_features, True, labels, init, device, tolerance, max_iter, preconditioner_rank, progress)

@@ -172,6 +172,32 @@ def test_pipeline_takes_keyword_inputs_and_numpy_as_an_inputs_labels_pair():
         plain.run((inputs, labels[:29]), (inputs, labels))
 
 
+def test_pipeline_refuses_empty_subsets_and_batches_before_any_work():
+    """max_train_examples=0 and batch_size=0 are refused by name (they failed deep inside torch.cat / at run time)."""
+    with pytest.raises(ValueError, match="batch_size must be an integer ≥ 1, got 0"):
+        ln.FidelityPipeline(mlp(), "proj_trntk", {"dim": 32}, batch_size=0)
+    pipeline = ln.FidelityPipeline(mlp(), "proj_trntk", {"dim": 32})
+    inputs, labels = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    with pytest.raises(ValueError, match="max_train_examples must be an integer ≥ 1 or None, got 0"):
+        pipeline.run((inputs, labels), (inputs, labels), max_train_examples=0)
+    with pytest.raises(ValueError, match="max_query_examples must be an integer ≥ 1 or None, got -1"):
+        pipeline.run((inputs, labels), (inputs, labels), max_query_examples=-1)
+
+
+def test_float16_store_keeps_features_beyond_its_range_in_bfloat16(tmp_path):
+    """Unnormalised features above 65,504 overflowed to inf in a float16 store and the fit then blamed a zero
+    gradient: they are kept in bfloat16 with a warning naming the array, and the checkpoint is finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    inputs, labels = 1e6 * torch.randn(30, 6, generator=torch.Generator().manual_seed(0)), torch.arange(30) % 3
+    pipeline = ln.FidelityPipeline(model, "trntk0", storage_dtype=torch.float16)
+    with pytest.warns(UserWarning, match=r"reference_features reach .* beyond the range of float16 .* kept in bfloat16"):
+        checkpoint = pipeline.run((inputs, labels), (inputs, labels), store=ln.FeatureStore(tmp_path))
+    assert checkpoint.features.reference_features.dtype == torch.bfloat16
+    assert torch.isfinite(torch.as_tensor(checkpoint.features.reference_features).float()).all()
+    assert torch.isfinite(checkpoint.surrogate_logits).all()
+
+
 def test_attributing_with_a_checkpoint_after_the_network_moved_on():
     """Refused, with the fix named, unless the checkpoint keeps its weights: then they are loaded for the
     attribution and the network's own weights put back bit for bit."""

@@ -1,6 +1,8 @@
 """Faults and bad input around the callback: each either gets a clear error before training or a warning,
 and nothing logged or trained is lost (see docs/reliability.md)."""
 
+import inspect
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +27,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     [
         (dict(surrogate={"formulation": "multinomal"}), "Unknown formulation 'multinomal'"),
         (dict(surrogate={"alpah": 1e-3}), r"Unknown SurrogateConfig option\(s\) \['alpah'\]"),
-        (dict(surrogate={"alpha": -1.0}), "alpha is an L2 penalty and must be a number > 0"),
+        (dict(surrogate={"alpha": -1.0}), "alpha is an L2 penalty and must be > 0"),
         (dict(projection={"projector": "sketchy"}), "Unknown projector 'sketchy'"),
         (dict(every_n_epochs=True), "every_n_epochs must be a positive integer or None"),
         (dict(epochs=[-1]), r"epochs must be 0-based epoch numbers"),
         (dict(subsets={"batch_size": 0}), "batch_size must be an integer ≥ 1"),
         (dict(store={"dtype": "float8"}), "Unknown storage dtype 'float8'"),
         (dict(top_k=-1), "top_k must be an integer ≥ 0"),
+        (dict(surrogate={"alpha": float("inf")}), "alpha is an L2 penalty and must be > 0 and finite, got inf"),
+        (dict(surrogate={"tolerance": "x"}), "tolerance must be > 0 and finite.*got 'x'"),
+        (dict(surrogate={"warm_start": "no"}), "warm_start must be True or False, got 'no'"),
+        (dict(projection={"seed": "a"}), "seed must be an integer ≥ 0, got 'a'"),
+        (dict(subsets={"seed": 1.5}), "seed must be an integer ≥ 0, got 1.5"),
+        (dict(subsets={"max_train_examples": 0}), "max_train_examples must be an integer ≥ 1 or None, got 0"),
+        (dict(store={"dir": 5}), "dir must be a folder path.*got 5"),
+        (dict(store={"overwrite": "yes"}), "overwrite must be True or False, got 'yes'"),
+        (dict(store={"dtype": ["float16"]}), r"Unknown storage dtype \['float16'\]"),
     ],
 )
 def test_bad_options_fail_in_the_constructor(options, message):
@@ -250,3 +261,37 @@ def test_ddp_spawn_hands_the_history_back(tmp_path):
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     train_with_ddp_spawn(Path(sys.argv[1]))
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("projection_dim", r"projection_dim moved into projection=ProjectionConfig\(dim=...\) \(or projection=\{'dim': ...\}\)"),
+        ("seed", r"seed moved into projection=ProjectionConfig\(seed=...\).*the subsets' seed"),
+        ("store_dir", "store_dir moved"),
+        ("surrogate_options", r"surrogate_options moved into surrogate=SurrogateConfig\(...\).*'max_iter', 'tolerance'"),
+        ("featurizer_options", "featurizer_options moved into projection=ProjectionConfig"),
+        ("alpha", r"alpha moved into surrogate=SurrogateConfig\(alpha=...\)"),
+    ],
+)
+def test_options_of_earlier_versions_say_where_they_moved(option, message):
+    """Both constructors read one table of moved options; the signature LightningCLI reads is unchanged."""
+    for make in (lambda **kw: NTKAttributionCallback(**kw), lambda **kw: ln.FidelityPipeline(nn.Linear(4, 3), **kw)):
+        with pytest.raises(TypeError, match=message):
+            make(**{option: 1})
+    with pytest.raises(TypeError, match="max_train_examples moved: pass max_train_examples.*to run()"):
+        ln.FidelityPipeline(nn.Linear(4, 3), max_train_examples=10)
+    with pytest.raises(TypeError, match=r"batch_size moved into subsets=SubsetConfig\(batch_size=...\)"):
+        NTKAttributionCallback(batch_size=10)
+    assert "projection" in inspect.signature(NTKAttributionCallback).parameters
+
+
+def test_a_fit_that_stops_short_says_so_in_the_record_and_the_log_line(tmp_path, caplog):
+    """A surrogate fit cut short by max_iter: the record's warning and the callback's log line say it did
+    not converge and what helps."""
+    callback = small_callback(surrogate={"max_iter": 1}, top_k=0, at_fit_end=False)
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path, [callback], max_epochs=1)
+    record = callback.history[-1]
+    assert not record.surrogate_converged and "did not converge" in record.warning and "max_iter" in record.warning
+    assert any("not converged" in line and "Warning: the surrogate's fit did not converge" in line for line in caplog.messages)

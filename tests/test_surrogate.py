@@ -269,7 +269,7 @@ def test_fit_record_history_and_progress(digits, capsys):
     surrogate = fit_from_kernel(k, y, progress=lambda iteration, value: calls.append((iteration, value)), tolerance=1e-9)
     record = surrogate.fit_record
     assert set(record) == {"objective", "iterations", "gap", "gradient_norm", "converged", "kernel_passes", "rank", "warm_start", "precision",
-                           "refined_at", "stalled"}
+                           "refined_at", "stalled", "stop", "warning", "kernel_scale"}
     assert record["precision"] == "float32" and record["refined_at"] is None and not record["stalled"]
     assert record["converged"] is True and record["gap"] <= 1e-9 and record["gradient_norm"] < 1e-5
     assert 0 < record["rank"] <= 64 and record["kernel_passes"] >= 2 + 2 * record["iterations"]
@@ -362,7 +362,7 @@ def test_clear_errors(digits):
         fit_from_kernel(k, y, alpha=0)
     with pytest.raises(ValueError, match="tolerance must be > 0"):
         fit_from_kernel(k, y, tolerance=0)
-    with pytest.raises(ValueError, match="preconditioner_rank ≥ 1"):
+    with pytest.raises(ValueError, match="preconditioner_rank must be an integer ≥ 1"):
         fit_from_features(digits["grads_train"][:50], y, preconditioner_rank=0)
     bad = k.clone()
     bad[3, 4] = float("nan")
@@ -426,3 +426,71 @@ def test_tolerance_below_rounding_stops_when_steps_stop_helping(digits):
         surrogate = fit_from_kernel(kernel, y, tolerance=1e-30)
         record = surrogate.fit_record
         assert record["stalled"] and not surrogate.converged and record["iterations"] < 25 and record["gap"] < 1e-15, record
+
+
+def test_the_fit_does_not_depend_on_the_kernels_units(digits):
+    """The penalty is measured against the kernel's mean diagonal: a kernel in other units (an
+    unnormalised kernel of 0–255 pixels, ×1e5) is the same problem, solved in as many steps, with the
+    same logits; a huge constant kernel is solved in a few steps too."""
+    k, k_test, y = digits["k_train"], digits["k_test"], digits["y_train"]
+    base = fit_from_kernel(k, y)
+    for factor in (1e5, 1e-5):
+        scaled = fit_from_kernel(k * factor, y)
+        assert scaled.converged and scaled.fit_record["iterations"] <= base.fit_record["iterations"] + 1, scaled.fit_record
+        assert scaled.fit_record["kernel_scale"] == pytest.approx(factor, rel=1e-3)
+        torch.testing.assert_close(scaled.predict(k_test * factor), base.predict(k_test), rtol=1e-4, atol=1e-4 * base.predict(k_test).abs().max().item())
+    constant = fit_from_kernel(torch.full((100, 100), 1e5), y[:100])
+    assert constant.converged and constant.fit_record["iterations"] <= 5, constant.fit_record
+
+
+def test_an_unnormalised_kernel_reaches_the_optimum_scipy_finds(digits):
+    """An independent oracle: scipy's L-BFGS on the objective written out in float64 (mean cross-entropy
+    plus α·κ̄²/2·‖W‖², κ̄ the kernel's mean diagonal) on a trNTK⁰ kernel of large units."""
+    from scipy.optimize import minimize
+
+    n, classes = 60, 10
+    k = ln.kernel_from_features(digits["grads_train"][:n], normalize=False).double() * 1e3
+    y = digits["y_train"][:n].numpy()
+    scale = float(k.diagonal().mean())
+    penalty = ALPHA * scale**2
+    ours = fit_from_kernel(k, digits["y_train"][:n], num_outputs=classes)
+    assert ours.converged and ours.penalty == pytest.approx(penalty)
+    kn = k.numpy()
+
+    def value_and_gradient(flat, kernel, l2):
+        w, b = flat[: classes * n].reshape(classes, n), flat[classes * n :]
+        logits = kernel @ w.T + b
+        p = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+        residual = (p - np.eye(classes)[y]) / n
+        value = (logsumexp(logits, axis=1) - logits[np.arange(n), y]).mean() + 0.5 * l2 * (w**2).sum()
+        return value, np.concatenate([(residual.T @ kernel + l2 * w).ravel(), residual.sum(0)])
+
+    # scipy in the weights V = κ̄·W on K / κ̄ (the same objective; L-BFGS stalls early in the raw units)
+    solution = minimize(value_and_gradient, np.zeros(classes * (n + 1)), args=(kn / scale, ALPHA), jac=True, method="L-BFGS-B",
+                        options=dict(maxiter=50_000, gtol=1e-12, ftol=1e-15)).x
+    solution[: classes * n] /= scale
+    theirs, _ = value_and_gradient(solution, kn, penalty)
+    assert ours.fit_record["objective"] <= theirs * (1 + 1e-9) and theirs - ours.fit_record["objective"] <= 1e-6 * theirs
+    their_logits = kn @ solution[: classes * n].reshape(classes, n).T + solution[classes * n :]
+    assert np.abs(ours.predict(k).numpy() - their_logits).max() < 1e-2 * np.abs(their_logits).max()
+
+
+def test_kernels_that_are_not_symmetric_or_not_psd_are_refused(digits):
+    k, y = digits["k_train"][:200, :200].double(), digits["y_train"][:200]
+    with pytest.raises(ValueError, match="not symmetric.*train×train kernel"):
+        fit_from_kernel(k + 0.2 * torch.rand_like(k, generator=torch.Generator().manual_seed(0)), y)
+    distances = torch.cdist(digits["x_train"][:200].double(), digits["x_train"][:200].double()) ** 2
+    with pytest.raises(ValueError, match="not positive semidefinite.*a distance matrix is not"):
+        fit_from_kernel(-distances + distances.mean(), y)  # symmetric, a positive diagonal, and indefinite
+    with pytest.raises(ValueError, match="negative diagonal entry"):
+        fit_from_kernel(k - 2 * torch.eye(200, dtype=torch.float64), y)
+
+
+def test_a_fit_that_stops_short_says_why_and_what_helps(digits):
+    k, y = digits["k_train"], digits["y_train"]
+    assert fit_from_kernel(k, y).fit_record["warning"] == ""
+    short = fit_from_kernel(k, y, max_iter=2)
+    assert not short.converged and short.fit_record["stop"] == "max_iter"
+    assert "did not converge" in short.fit_record["warning"] and "max_iter" in short.fit_record["warning"]
+    floor = fit_from_kernel(k.double(), y, tolerance=1e-30)
+    assert floor.fit_record["stop"] == "stalled" and "a tolerance of" in floor.fit_record["warning"]
