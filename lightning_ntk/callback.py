@@ -226,8 +226,8 @@ class NTKAttributionCallback(L.Callback):
             try:
                 self.pipeline.check(self._reference, self._query)
             except (TypeError, ValueError) as err:
-                hint = "" if self.module is not None else " If a submodule returns the logits, pass module='<its name>' to the callback."
-                option = " (train_data=/query_data=)" if "labels" in str(err) else ""
+                option = " (train_data=/query_data=)" if "labels" in str(err) else ""  # the data's fault, not the module's
+                hint = "" if self.module is not None or option else " If a submodule returns the logits, pass module='<its name>' to the callback."
                 raise type(err)(f"NTKAttributionCallback: {err}{option}{hint}") from err
             self._check_image_shape()
         if trainer.is_global_zero:

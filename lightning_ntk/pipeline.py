@@ -39,7 +39,7 @@ from .metrics import SurrogateFidelity, check_label_range, fidelity_scores
 from .projection import DEFAULT_MEMORY_BUDGET
 from .registry import Kernel, get_kernel
 from .store import FeatureStore
-from .surrogate import KernelSurrogate, fit_from_features, fit_from_kernel
+from .surrogate import KernelSurrogate, check_several_classes, fit_from_features, fit_from_kernel
 from .task import Task, batch_size_of, differentiable
 
 
@@ -366,7 +366,9 @@ class FidelityPipeline:
 
     def check(self, reference: ExampleSet, query: ExampleSet) -> int:
         """The number of logits, after a dry run on two examples (the model's output, and their features:
-        whatever would fail at a checkpoint fails here) and a check that both sets' labels are among its classes."""
+        whatever would fail at a checkpoint fails here) and a check that both sets' labels are among its classes
+        and that the reference set holds several, as the fit needs."""
+        check_several_classes(reference.labels)
         sample = reference.inputs(torch.arange(min(2, len(reference))), self.task)
         logits = self.logits(sample)
         with torch.inference_mode(False), torch.enable_grad():

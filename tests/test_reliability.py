@@ -11,7 +11,7 @@ import torch
 from conftest import DigitsMLP, fit, small_callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 import lightning_ntk as ln
 from lightning_ntk import NTKAttributionCallback
@@ -54,8 +54,10 @@ class BatchStatistics(DigitsMLP):
         (dict(kernel="em", layers=["network.9"]), None, ValueError, r"Unknown layer names \['network.9'\]"),
         (dict(image_shape=[7, 7]), None, ValueError, r"image_shape=\[7, 7\] holds 49 values, but an example's input holds 64"),
         (dict(kernel="trntk"), BatchStatistics(), ln.FunctionalForwardError, r"module 'network\.1' \(BatchNorm1d\).*track_running_stats=True"),
+        (dict(train_data=TensorDataset(torch.rand(60, 64), torch.full((60,), 3))), None, ValueError,
+         r"All 60 training labels are 3: a classifier needs examples of at least two classes.*\(train_data=/query_data=\)$"),
     ],
-    ids=["em-layers", "image-shape", "batch-statistics"],
+    ids=["em-layers", "image-shape", "batch-statistics", "one-class-reference"],
 )
 def test_what_would_fail_at_the_first_checkpoint_fails_before_training(tmp_path, options, model, error, message):
     steps = []
