@@ -32,7 +32,7 @@ from .attribution import Attribution, attribute, suspicious
 from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig
 from .featurize import retained_heap
 from .metrics import predictions
-from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, describe_params, example_set
+from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, describe_params, entry_name, example_set
 from .projection import DEFAULT_MEMORY_BUDGET
 from .registry import get_kernel
 from .store import FeatureStore, StoreError, StoreMismatchError
@@ -157,6 +157,7 @@ class NTKAttributionCallback(L.Callback):
         self._creator = os.getpid()
         self._handoff = Path(tempfile.gettempdir()) / f"lightning_ntk-{uuid.uuid4().hex}.pt"
         self._resumed: dict[str, Any] | None = None
+        self._run = uuid.uuid4().hex  # tags the store entries this run writes, so that keep_last deletes only its own
         self._history: list[CheckpointRecord] = []
         self.pipeline: FidelityPipeline | None = None
         self._last: Checkpoint | None = None
@@ -197,6 +198,7 @@ class NTKAttributionCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":  # a new fit starts a new history; a resumed one gets its own back in load_state_dict
             self._history, self._last, self._kept, self._resumed = [], None, [], None
+            self._run = uuid.uuid4().hex
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Resolve the model and the data, and check everything that can fail before training does."""
@@ -258,11 +260,12 @@ class NTKAttributionCallback(L.Callback):
             self._history, self._last, self._kept, self.pipeline = state["history"], state["last"], state["kept"], state["pipeline"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [row.to_dict() for row in self._history], "options": self._options()}
+        return {"history": [row.to_dict() for row in self._history], "options": self._options(), "run": self._run}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._history = [CheckpointRecord(**row) for row in state_dict["history"]]
         self._resumed = state_dict.get("options")
+        self._run = state_dict.get("run", self._run)
 
     def _check_resumed_options(self) -> None:
         """Refuse to continue a resumed history computed with other options: its rows would not compare."""
@@ -356,7 +359,7 @@ class NTKAttributionCallback(L.Callback):
         with preserved_training_state(pl_module):
             spec = pipeline.spec()
             request = pipeline.request(spec, self._reference, self._query)
-            name = f"epoch={epoch:04d}-{spec.parameters}"
+            name = entry_name(f"epoch={epoch:04d}", request)
             stored: dict[str, Any] = {}  # rank 0 only: the checkpoint's arrays, as memory maps of the store
             reused = _on_rank_zero(trainer, lambda: stored.update(self._load(name, request) or {}) or bool(stored))
             seconds = 0.0
@@ -369,11 +372,11 @@ class NTKAttributionCallback(L.Callback):
 
                 def save() -> None:
                     features = CheckpointFeatures(reference, self._reference.labels, self._reference.indices, query, self._query.labels, self._query.indices, logits)
-                    info = {"epoch": epoch, "step": trainer.global_step}
+                    info = {"epoch": epoch, "step": trainer.global_step, "run": self._run}
                     with _store_options_named():
                         stored.update(self._store.save(name, request, features.arrays(), info, overwrite=self.store_config.overwrite))
                         if self.store_config.keep_last is not None:
-                            self._store.retain(self.store_config.keep_last, prefix="epoch=")
+                            self._store.retain(self.store_config.keep_last, prefix="epoch=", info={"run": self._run})
 
                 _on_rank_zero(trainer, save)
             media: list[Any] = []

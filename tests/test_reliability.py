@@ -1,6 +1,7 @@
 """Faults and bad input around the callback: each either gets a clear error before training or a warning,
 and nothing logged or trained is lost (see docs/reliability.md)."""
 
+import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -102,10 +103,15 @@ def test_reusing_a_callback_in_a_second_fit_starts_a_new_history(tmp_path):
     assert [row.epoch for row in callback.history] == [0, 1]
 
 
+def checkpointed(tmp_path, *callbacks):
+    """A two-epoch fit with ``callbacks`` that saves a Lightning checkpoint; its path."""
+    fit(tmp_path, [*callbacks, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=2, enable_checkpointing=True)
+    return str(tmp_path / "ckpt" / "last.ckpt")
+
+
 def test_resume_keeps_the_history_with_a_moved_store_and_refuses_other_subsets(tmp_path):
     first = small_callback(top_k=0, store={"dir": str(tmp_path / "store_a")})
-    fit(tmp_path, [first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=2, enable_checkpointing=True)
-    last = str(tmp_path / "ckpt" / "last.ckpt")
+    last = checkpointed(tmp_path, first)
 
     moved = small_callback(top_k=0, store={"dir": str(tmp_path / "store_b")})
     fit(tmp_path, [moved], max_epochs=3, ckpt_path=last)
@@ -115,6 +121,56 @@ def test_resume_keeps_the_history_with_a_moved_store_and_refuses_other_subsets(t
     other = small_callback(top_k=0, subsets={"max_train_examples": 100})
     with pytest.raises(ValueError, match=r"resumed checkpoint's fidelity history was computed with other options \(subsets"):
         fit(tmp_path, [other], max_epochs=3, ckpt_path=last)
+
+
+def test_runs_with_other_options_share_a_store_and_keep_last_keeps_each_runs_own(tmp_path):
+    """Another K, projector, kernel or storage dtype writes beside the first run's entries; a second seed's run
+    with keep_last deletes only its own older entries."""
+    store = {"dir": str(tmp_path / "store"), "keep_last": 1}
+    first = small_callback(top_k=0, store=store)
+    fit(tmp_path, [first], max_epochs=2)
+    for options in (dict(projection={"dim": 48}), dict(projection={"projector": "rademacher"}), dict(kernel="proj_pntk"),
+                    dict(store={**store, "dtype": "float16"})):
+        other = small_callback(top_k=0, **{"store": store, **options})
+        fit(tmp_path, [other], max_epochs=1)
+        assert [row.store_reused for row in other.history] == [False]
+    second_seed = small_callback(top_k=0, store=store)
+    fit(tmp_path, [second_seed], max_epochs=2, seed=1)
+    names = [p.name for p in (tmp_path / "store").iterdir()]
+    assert len(names) == 6 and sum(name.startswith("epoch=0001-") for name in names) == 2  # each run kept its newest
+    assert sum(name.startswith(f"epoch=0001-{first.history[-1].parameters}-") for name in names) == 1
+    rerun = small_callback(top_k=0, store=store)
+    fit(tmp_path, [rerun], max_epochs=2)
+    assert [row.store_reused for row in rerun.history] == [False, True]  # the first run's newest entry is still there
+
+
+FORK = multiprocessing.get_context("fork")
+
+
+def run_sharing_a_store(root, dim, both_trained, results):
+    """One run of the test below, in its own process; reports its history's epochs or its error."""
+    class WaitForTheOther(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # before the NTK callback's checkpoint
+            both_trained.wait(120)
+
+    try:
+        callback = small_callback(top_k=0, projection={"dim": dim}, store={"dir": str(root / "store"), "keep_last": 1})
+        fit(root / str(dim), [WaitForTheOther(), callback], max_epochs=2)
+        results.put((dim, [row.epoch for row in callback.history]))
+    except BaseException as err:  # noqa: BLE001 (reported to the test process)
+        results.put((dim, repr(err)))
+
+
+def test_two_runs_with_other_options_at_once_both_complete(tmp_path):
+    both_trained, results = FORK.Barrier(2), FORK.Queue()
+    processes = [FORK.Process(target=run_sharing_a_store, args=(tmp_path, dim, both_trained, results)) for dim in (32, 48)]
+    for process in processes:
+        process.start()
+    returned = dict(results.get(timeout=300) for _ in processes)
+    for process in processes:
+        process.join(60)
+    assert returned == {32: [0, 1], 48: [0, 1]}
+    assert len(list((tmp_path / "store").iterdir())) == 2  # each run's newest entry
 
 
 class RandomShift(Dataset):
