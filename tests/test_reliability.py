@@ -123,6 +123,52 @@ def test_resume_keeps_the_history_with_a_moved_store_and_refuses_other_subsets(t
         fit(tmp_path, [other], max_epochs=3, ckpt_path=last)
 
 
+def test_resume_with_other_surrogate_options_or_other_examples_is_refused(tmp_path):
+    """Everything that decides what a history row means is checked, the query and reference sets by their content."""
+    last = checkpointed(tmp_path, small_callback(top_k=0))
+    x_train, y_train, x_test, y_test = load_digits_tensors()
+    refused = [
+        (dict(surrogate={"alpha": 1e-2}), r"surrogate: checkpoint \{'alpha': 0\.0001, 'formulation': 'multinomial'\}, now \{'alpha': 0\.01"),
+        (dict(surrogate={"formulation": "ovr"}), r"surrogate: .*now \{'alpha': 0\.0001, 'formulation': 'ovr'\}"),
+        (dict(query_data=(x_test[-60:], y_test[-60:])), r"query: checkpoint \{'size': 60, 'fingerprint': '\w+'\}, now \{'size': 60, "),
+        (dict(train_data=(x_train[:120], y_train[:120])), r"reference: checkpoint \{'size': 120, 'fingerprint': '\w+'\}, now \{'size': 120, "),
+    ]
+    for options, message in refused:
+        with pytest.raises(ValueError, match=rf"computed with other options \({message}.*Resume with the same options and data, or start a new fit"):
+            fit(tmp_path, [small_callback(top_k=0, **options)], max_epochs=3, ckpt_path=last)
+
+
+def test_resume_with_another_kernel_or_name_is_refused_and_one_without_a_history_warns(tmp_path):
+    """The callback's state is keyed by kernel and name: a resume that would not find it says so instead of dropping it."""
+    last = checkpointed(tmp_path, small_callback(top_k=0))
+    found = r"holds a fidelity history under another key: NTKAttributionCallback\{'kernel': 'proj_trntk', 'name': None\} "
+    with pytest.raises(ValueError, match=found + r"\(kernel: checkpoint 'proj_trntk', now 'proj_trntk0'\).*Resume with the same kernel, name and options"):
+        fit(tmp_path, [small_callback(top_k=0, kernel="proj_trntk0")], max_epochs=3, ckpt_path=last)
+    with pytest.raises(ValueError, match=found + r"\(other name\); this callback's key is NTKAttributionCallback\{'kernel': 'proj_trntk', 'name': 'b'\}"):
+        fit(tmp_path, [small_callback(top_k=0, name="b")], max_epochs=3, ckpt_path=last)
+
+    without = checkpointed(tmp_path / "plain")
+    added = small_callback(top_k=0)
+    with pytest.warns(UserWarning, match=r"resumes at epoch 2 from a checkpoint that holds no fidelity history.*starts at epoch 2"):
+        fit(tmp_path, [added], max_epochs=3, ckpt_path=without)
+    assert [row.epoch for row in added.history] == [2]
+
+
+def test_a_checkpoint_of_an_earlier_version_continues_its_history_with_a_warning(tmp_path):
+    """A saved state without the options recorded since (surrogate, layers, the examples' digests, the run) keeps its rows, and says what it could not check."""
+    first = small_callback(top_k=0)
+    last = checkpointed(tmp_path, first)
+    checkpoint = torch.load(last, weights_only=False)
+    state = checkpoint["callbacks"][first.state_key]
+    del state["run"]
+    state["options"] = {key: state["options"][key] for key in ("kernel", "projection", "subsets", "module", "params")}
+    torch.save(checkpoint, tmp_path / "earlier.ckpt")
+    resumed = small_callback(top_k=0)
+    with pytest.warns(UserWarning, match=r"earlier version of lightning-ntk that did not record layers, surrogate, reference, query; the history continues"):
+        fit(tmp_path, [resumed], max_epochs=3, ckpt_path=str(tmp_path / "earlier.ckpt"))
+    assert [row.epoch for row in resumed.history] == [0, 1, 2] and resumed.history[:2] == first.history
+
+
 def test_runs_with_other_options_share_a_store_and_keep_last_keeps_each_runs_own(tmp_path):
     """Another K, projector, kernel or storage dtype writes beside the first run's entries; a second seed's run
     with keep_last deletes only its own older entries."""
