@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,7 +34,7 @@ from .attribution import Attribution, attribute, suspicious
 from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig, refuse_moved_options
 from .featurize import retained_heap
 from .metrics import predictions
-from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, describe_params, example_set
+from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, describe_params, entry_name, example_set
 from .projection import DEFAULT_MEMORY_BUDGET
 from .registry import get_kernel
 from .store import FeatureStore, StoreError, StoreMismatchError
@@ -198,7 +198,9 @@ class NTKAttributionCallback(L.Callback):
         # Under ddp_spawn the fit runs in child processes: rank 0 hands its results back through this file.
         self._creator = os.getpid()
         self._handoff = Path(tempfile.gettempdir()) / f"lightning_ntk-{uuid.uuid4().hex}.pt"
-        self._resumed: dict[str, Any] | None = None
+        self._resumed: dict[str, Any] | None = None  # the state a resumed fit brought back
+        self._foreign: dict[str, Any] = {}  # states of other NTKAttributionCallbacks in the resumed checkpoint
+        self._run = uuid.uuid4().hex  # tags the store entries this run writes, so that keep_last deletes only its own
         self._history: list[CheckpointRecord] = []
         self.pipeline: FidelityPipeline | None = None
         self._last: Checkpoint | None = None
@@ -227,9 +229,12 @@ class NTKAttributionCallback(L.Callback):
         return None if self._last is None else self._last.surrogate
 
     def _options(self) -> dict[str, Any]:
-        """What decides the rows of the history: a resumed history is only continued with the same."""
+        """What decides the rows of the history: a resumed history is only continued with the same (the
+        reference and query sets by their size and a digest of their examples, once read)."""
+        surrogate = {"alpha": self.surrogate_config.alpha, "formulation": self.surrogate_config.formulation}
         return {"kernel": self.kernel.name, "projection": self.projection.to_dict(), "subsets": self.subsets.to_dict(), "module": self.module,
-                "params": describe_params(self.params)}
+                "params": describe_params(self.params), "layers": None if self.layers is None else list(self.layers), "surrogate": surrogate,
+                **{examples.name: examples.describe() for examples in (self._reference, self._query) if examples is not None}}
 
     # -- schedule --------------------------------------------------------------------------------
     def should_featurize(self, trainer: L.Trainer) -> bool:
@@ -284,14 +289,14 @@ class NTKAttributionCallback(L.Callback):
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":  # a new fit starts a new history; a resumed one gets its own back in load_state_dict
-            self._history, self._last, self._kept, self._resumed = [], None, [], None
+            self._history, self._last, self._kept, self._resumed, self._foreign = [], None, [], None, {}
+            self._run = uuid.uuid4().hex
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Resolve the model and the data, and check everything that can fail before training does."""
         if trainer.fast_dev_run:
             return
         started = time.perf_counter()
-        self._check_resumed_options()
         model = self._logits_module(pl_module)
         self._store = FeatureStore(self.store_config.dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "ntk_store"))
         if trainer.is_global_zero:
@@ -308,6 +313,7 @@ class NTKAttributionCallback(L.Callback):
             )
             for examples in (self._reference, self._query):
                 examples.scan(self.task, self.subsets.batch_size)
+            self._check_resumed(trainer)
             self.pipeline = FidelityPipeline(
                 model, self.kernel.name, self.projection, self.surrogate_config, params=self.params, layers=self.layers, task=self.task,
                 storage_dtype=self.store_config.torch_dtype, batch_size=self.subsets.batch_size, memory_budget=self.memory_budget,
@@ -315,8 +321,8 @@ class NTKAttributionCallback(L.Callback):
             try:
                 self.pipeline.check(self._reference, self._query)
             except (TypeError, ValueError) as err:
-                hint = "" if self.module is not None else " If a submodule returns the logits, pass module='<its name>' to the callback."
-                option = " (train_data=/query_data=)" if "labels" in str(err) else ""
+                option = " (train_data=/query_data=)" if "labels" in str(err) else ""  # the data's fault, not the module's
+                hint = "" if self.module is not None or option else " If a submodule returns the logits, pass module='<its name>' to the callback."
                 raise type(err)(f"NTKAttributionCallback: {err}{option}{hint}") from err
             self._image_shape = self._resolve_image_shape(trainer)
             self._cost = self._estimate_cost(trainer, started)
@@ -375,23 +381,52 @@ class NTKAttributionCallback(L.Callback):
             self._history, self._last, self._kept, self.pipeline = state["history"], state["last"], state["kept"], state["pipeline"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [row.to_dict() for row in self._history], "options": self._options()}
+        return {"history": [row.to_dict() for row in self._history], "options": self._options(), "run": self._run}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._history = [CheckpointRecord(**row) for row in state_dict["history"]]
-        self._resumed = state_dict.get("options")
+        self._resumed = state_dict
+        self._run = state_dict.get("run", self._run)
 
-    def _check_resumed_options(self) -> None:
-        """Refuse to continue a resumed history computed with other options: its rows would not compare."""
-        if self._resumed is None or self._resumed == self._options():
-            return
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Note the states of this kind of callback that no callback of this trainer takes (saved under another
+        kernel or name): resuming without them would silently drop their history."""
+        taken = {callback.state_key for callback in trainer.callbacks}
+        self._foreign = {key: state for key, state in (checkpoint.get("callbacks") or {}).items()
+                         if isinstance(key, str) and key.startswith(NTKAttributionCallback.__qualname__ + "{") and key not in taken}
+
+    def _check_resumed(self, trainer: L.Trainer) -> None:
+        """Continue a resumed history only with the options and data its rows were computed with, and say so
+        when a resumed fit brings no history back."""
         current = self._options()
-        differing = "; ".join(f"{k}: checkpoint {self._resumed.get(k)!r}, now {current[k]!r}" for k in current if self._resumed.get(k) != current[k])
-        raise ValueError(
-            f"NTKAttributionCallback: the resumed checkpoint's fidelity history was computed with other options ({differing}), "
-            "so its rows would not compare with new ones. Resume with the same options, or start a new fit without ckpt_path "
-            "(or with a callback of another name=...)."
-        )
+        if self._resumed is None:
+            if self._foreign:
+                found = "; ".join(f"{key} ({_differing(state.get('options') or {}, current) or 'other name'})" for key, state in self._foreign.items())
+                raise ValueError(
+                    f"NTKAttributionCallback: the resumed checkpoint holds a fidelity history under another key: {found}; this callback's "
+                    f"key is {self.state_key}, so that history would be dropped. Resume with the same kernel, name and options, or "
+                    "start a new fit without ckpt_path."
+                )
+            if trainer.ckpt_path is not None and trainer.current_epoch > 0:
+                rank_zero_warn(
+                    f"NTKAttributionCallback: the run resumes at epoch {trainer.current_epoch} from a checkpoint that holds no fidelity "
+                    f"history (it was written without this callback), so the history starts at epoch {trainer.current_epoch}."
+                )
+            return
+        saved = self._resumed.get("options") or {}
+        differing = _differing(saved, current)
+        if differing:
+            raise ValueError(
+                f"NTKAttributionCallback: the resumed checkpoint's fidelity history was computed with other options ({differing}), "
+                "so its rows would not compare with new ones. Resume with the same options and data, or start a new fit without ckpt_path."
+            )
+        unrecorded = [key for key in current if key not in saved]
+        if unrecorded:
+            rank_zero_warn(
+                f"NTKAttributionCallback: the resumed checkpoint was written by an earlier version of lightning-ntk that did not record "
+                f"{', '.join(unrecorded)}; the history continues, but its rows compare with new ones only if these are unchanged. "
+                "If they changed, start a new fit without ckpt_path."
+            )
 
     def _resolve_image_shape(self, trainer: L.Trainer) -> list[int] | None:
         """The option's image shape, checked against an input; else the datamodule's, if it fits one."""
@@ -477,7 +512,7 @@ class NTKAttributionCallback(L.Callback):
         with preserved_training_state(pl_module):
             spec = pipeline.spec()
             request = pipeline.request(spec, self._reference, self._query)
-            name = f"epoch={epoch:04d}-{spec.parameters}"
+            name = entry_name(f"epoch={epoch:04d}", request)
             stored: dict[str, Any] = {}  # rank 0 only: the checkpoint's arrays, as memory maps of the store
             reused = _on_rank_zero(trainer, lambda: stored.update(self._load(name, request) or {}) or bool(stored))
             seconds = 0.0
@@ -490,11 +525,11 @@ class NTKAttributionCallback(L.Callback):
 
                 def save() -> None:
                     features = CheckpointFeatures(reference, self._reference.labels, self._reference.indices, query, self._query.labels, self._query.indices, logits)
-                    info = {"epoch": epoch, "step": trainer.global_step}
+                    info = {"epoch": epoch, "step": trainer.global_step, "run": self._run}
                     with _store_options_named():
                         stored.update(self._store.save(name, request, features.arrays(), info, overwrite=self.store_config.overwrite))
                         if self.store_config.keep_last is not None:
-                            self._store.retain(self.store_config.keep_last, prefix="epoch=")
+                            self._store.retain(self.store_config.keep_last, prefix="epoch=", info={"run": self._run})
 
                 _on_rank_zero(trainer, save)
             media: list[Any] = []
@@ -573,6 +608,11 @@ class CheckpointCost:
 
     def training_seconds(self) -> float:
         return time.perf_counter() - self.started - self.spent
+
+
+def _differing(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """The options recorded with a saved history that differ from the current ones, in words (those it did not record are skipped)."""
+    return "; ".join(f"{key}: checkpoint {saved[key]!r}, now {current[key]!r}" for key in current if key in saved and saved[key] != current[key])
 
 
 def _spread(checkpoints: list[Checkpoint], size: int) -> list[Checkpoint]:

@@ -110,9 +110,9 @@ class SurrogateConfig(_Options):
 class StoreConfig(_Options):
     """Where and how the features of each checkpoint are kept on disk.
 
-    ``dir``: default ``<trainer log folder>/ntk_store``. ``overwrite``: replace a stored checkpoint
-    computed for another request instead of refusing it. ``keep_last``: delete all but the newest
-    ``keep_last`` checkpoints (None keeps every one). ``dtype``: storage precision of the features
+    ``dir``: default ``<trainer log folder>/ntk_store``. ``overwrite``: compute each checkpoint's features
+    again and replace its stored entry instead of reusing it. ``keep_last``: delete all but the newest
+    ``keep_last`` checkpoints this run wrote (None keeps every one; other runs' entries are left alone). ``dtype``: storage precision of the features
     (``"float16"``/``"bfloat16"`` halve the store; kernels still accumulate in float32; None keeps the
     model's precision).
     """

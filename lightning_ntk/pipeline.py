@@ -39,8 +39,8 @@ from .kernels import as_tensor, kernel_from_features
 from .metrics import SurrogateFidelity, check_label_range, fidelity_scores
 from .projection import DEFAULT_MEMORY_BUDGET
 from .registry import Kernel, get_kernel
-from .store import FeatureStore
-from .surrogate import KernelSurrogate, fit_from_features, fit_from_kernel
+from .store import FeatureStore, request_digest
+from .surrogate import KernelSurrogate, check_several_classes, fit_from_features, fit_from_kernel
 from .task import Task, batch_size_of, differentiable, move_inputs
 
 
@@ -211,6 +211,14 @@ def storable(values: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tenso
 def describe_params(params: Any) -> Any:
     """A parameter selection as JSON can hold it: names and patterns as they are, modules by their repr."""
     return params if isinstance(params, (str, list, tuple, type(None))) else repr(params)
+
+
+def entry_name(prefix: str, request: dict[str, Any]) -> str:
+    """The store entry of a checkpoint's request: ``<prefix>-<weights' fingerprint>-<digest of the rest>``, so
+    that checkpoints of other weights or other options (kernel, K, projector, data, dtype) live side by side in
+    one store, and the entries of one set of options share their last part."""
+    options = {key: value for key, value in request.items() if key != "parameters"}
+    return f"{prefix}-{request['parameters']}-{request_digest(options)}"
 
 
 ARRAYS = ("reference_features", "reference_labels", "reference_indices", "query_features", "query_labels", "query_indices", "query_logits")
@@ -462,7 +470,9 @@ class FidelityPipeline:
 
     def check(self, reference: ExampleSet, query: ExampleSet) -> int:
         """The number of logits, after a dry run on two examples (the model's output, and their features:
-        whatever would fail at a checkpoint fails here) and a check that both sets' labels are among its classes."""
+        whatever would fail at a checkpoint fails here) and a check that both sets' labels are among its classes
+        and that the reference set holds several, as the fit needs."""
+        check_several_classes(reference.labels)
         sample = reference.inputs(torch.arange(min(2, len(reference))), self.task)
         args, kwargs = self.task.arguments(move_inputs(sample, *model_device_dtype(self.model)))
         try:
@@ -585,8 +595,9 @@ class FidelityPipeline:
         init: Checkpoint | None = None,
     ) -> Checkpoint:
         """Featurize ``reference`` and ``query`` (Datasets, DataLoaders or ``(inputs, labels)``
-        tensors, subsampled with ``seed``), keep the features in ``store`` as entry ``name`` (reused
-        when it holds the same request), fit the surrogate and score it."""
+        tensors, subsampled with ``seed``), keep the features in ``store`` (as the entry
+        ``<name>-<weights' fingerprint>-<digest of the other options>``, reused by a run that asks for the
+        same, side by side with those of other weights or options), fit the surrogate and score it."""
         subsets = SubsetConfig(max_train_examples, max_query_examples, seed, self.batch_size)  # checks them before any work
         reference_set = example_set("reference", reference, subsets.max_train_examples, subsets.seed)
         query_set = example_set("query", query, subsets.max_query_examples, subsets.seed)
@@ -596,6 +607,7 @@ class FidelityPipeline:
         with torch.inference_mode(False), torch.enable_grad():
             spec = self.spec()
             request = self.request(spec, reference_set, query_set)
+            name = entry_name(name, request)
             stored = None if store is None or overwrite else store.load(name, request)
             started = time.perf_counter()
             features = CheckpointFeatures.from_arrays(stored) if stored is not None else self.featurize(reference_set, query_set)

@@ -81,6 +81,13 @@ def _jsonable(value: Any, what: str) -> Any:
         raise TypeError(f"The {what} cannot be recorded in a feature store manifest: {err}.") from err
 
 
+def request_digest(request: Mapping[str, Any], length: int = 8) -> str:
+    """A short digest of a request, for entry names: requests that differ get different names, so that their
+    entries live side by side in one store (the manifest still holds the whole request, which ``load`` compares)."""
+    text = json.dumps(_jsonable(dict(request), "request"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
 def _differences(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
     if isinstance(stored, dict) and isinstance(wanted, dict):
         out = []
@@ -326,21 +333,26 @@ class FeatureStore:
             _remove(tmp)  # gone already once moved into place
         return existing if existing is not None else _open_arrays(final, manifest, verify=False)
 
-    def retain(self, keep_last: int, prefix: str = "") -> list[str]:
-        """Delete all but the ``keep_last`` newest complete entries whose names start with ``prefix`` (newest
-        by the integer ``info["epoch"]``, which entries without one are older than any with, then by time
-        written) and return the deleted names. Writes in progress and
-        damaged entries are left alone; entries of every run sharing the folder count."""
+    def retain(self, keep_last: int, prefix: str = "", info: Mapping[str, Any] | None = None) -> list[str]:
+        """Delete all but the ``keep_last`` newest complete entries whose names start with ``prefix`` and whose
+        ``info`` holds every key and value of ``info`` (e.g. the run that wrote them), newest by the integer
+        ``info["epoch"]`` (entries without one are older than any with), then by time written; return the
+        deleted names. Writes in progress, damaged entries and entries that do not match are left alone,
+        so that runs sharing the folder each keep their own."""
         if not isinstance(keep_last, int) or keep_last < 0:
             raise ValueError(f"keep_last must be a non-negative integer, not {keep_last!r}.")
         if not self.root.is_dir():
             return []
+        wanted = _jsonable(dict(info or {}), "info")
         entries = []
         for folder in self.root.iterdir():
             if folder.name.startswith(".") or not folder.name.startswith(prefix):
                 continue
             try:
-                epoch = _read_manifest(folder)["info"].get("epoch")
+                recorded = _read_manifest(folder)["info"]
+                if any(recorded.get(key) != value for key, value in wanted.items()):
+                    continue
+                epoch = recorded.get("epoch")
                 written = (folder / MANIFEST).stat().st_mtime
             except (_Damaged, OSError):
                 continue

@@ -685,6 +685,15 @@ class KernelSurrogate(L.LightningModule):
         return torch.cat(blocks)
 
 
+def check_several_classes(labels: torch.Tensor) -> None:
+    """Refuse training labels of one class: the fit would have no minimum."""
+    if labels.unique().numel() < 2:
+        raise ValueError(
+            f"All {labels.numel()} training labels are {int(labels[0])}: a classifier needs examples of at least two classes "
+            "(with one, its objective has no minimum). Fit on a training subset that holds several classes."
+        )
+
+
 def _labels(train_labels: Any, num_train: int, num_outputs: int | None) -> tuple[torch.Tensor, int]:
     labels = as_tensor(train_labels).flatten()
     if labels.is_floating_point() or labels.dtype == torch.bool:
@@ -696,11 +705,7 @@ def _labels(train_labels: Any, num_train: int, num_outputs: int | None) -> tuple
         )
     if labels.min() < 0:
         raise ValueError(f"Labels must be class indices ≥ 0, got {int(labels.min())}.")
-    if labels.unique().numel() < 2:
-        raise ValueError(
-            f"All {num_train} training labels are {int(labels[0])}: a classifier needs examples of at least two classes "
-            "(with one, its objective has no minimum). Fit on a training subset that holds several classes."
-        )
+    check_several_classes(labels)
     classes = int(labels.max()) + 1
     outputs = num_outputs if num_outputs is not None else max(classes, 2)
     limit = 2 if outputs == 1 else outputs

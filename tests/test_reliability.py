@@ -3,6 +3,7 @@ and nothing logged or trained is lost (see docs/reliability.md)."""
 
 import inspect
 import logging
+import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from conftest import DigitsMLP, fit, small_callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 import lightning_ntk as ln
 from lightning_ntk import NTKAttributionCallback
@@ -66,8 +67,10 @@ class BatchStatistics(DigitsMLP):
         (dict(image_shape=[7, 7]), None, ValueError, r"image_shape=\[7, 7\] holds 49 values, but an example's input holds 64"),
         (dict(kernel="trntk"), BatchStatistics(), ln.FunctionalForwardError, r"module 'network\.1' \(BatchNorm1d\).*track_running_stats=True"),
         (dict(), BatchStatistics(), ln.FunctionalForwardError, r"^Per-example gradients do not exist.*module 'network\.1' \(BatchNorm1d\).*track_running_stats=True"),
+        (dict(train_data=TensorDataset(torch.rand(60, 64), torch.full((60,), 3))), None, ValueError,
+         r"All 60 training labels are 3: a classifier needs examples of at least two classes.*\(train_data=/query_data=\)$"),
     ],
-    ids=["em-layers", "image-shape", "batch-statistics", "batch-statistics-sketch"],
+    ids=["em-layers", "image-shape", "batch-statistics", "batch-statistics-sketch", "one-class-reference"],
 )
 def test_what_would_fail_at_the_first_checkpoint_fails_before_training(tmp_path, options, model, error, message):
     steps = []
@@ -112,10 +115,15 @@ def test_reusing_a_callback_in_a_second_fit_starts_a_new_history(tmp_path):
     assert [row.epoch for row in callback.history] == [0, 1]
 
 
+def checkpointed(tmp_path, *callbacks):
+    """A two-epoch fit with ``callbacks`` that saves a Lightning checkpoint; its path."""
+    fit(tmp_path, [*callbacks, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=2, enable_checkpointing=True)
+    return str(tmp_path / "ckpt" / "last.ckpt")
+
+
 def test_resume_keeps_the_history_with_a_moved_store_and_refuses_other_subsets(tmp_path):
     first = small_callback(top_k=0, store={"dir": str(tmp_path / "store_a")})
-    fit(tmp_path, [first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=2, enable_checkpointing=True)
-    last = str(tmp_path / "ckpt" / "last.ckpt")
+    last = checkpointed(tmp_path, first)
 
     moved = small_callback(top_k=0, store={"dir": str(tmp_path / "store_b")})
     fit(tmp_path, [moved], max_epochs=3, ckpt_path=last)
@@ -125,6 +133,102 @@ def test_resume_keeps_the_history_with_a_moved_store_and_refuses_other_subsets(t
     other = small_callback(top_k=0, subsets={"max_train_examples": 100})
     with pytest.raises(ValueError, match=r"resumed checkpoint's fidelity history was computed with other options \(subsets"):
         fit(tmp_path, [other], max_epochs=3, ckpt_path=last)
+
+
+def test_resume_with_other_surrogate_options_or_other_examples_is_refused(tmp_path):
+    """Everything that decides what a history row means is checked, the query and reference sets by their content."""
+    last = checkpointed(tmp_path, small_callback(top_k=0))
+    x_train, y_train, x_test, y_test = load_digits_tensors()
+    refused = [
+        (dict(surrogate={"alpha": 1e-2}), r"surrogate: checkpoint \{'alpha': 0\.0001, 'formulation': 'multinomial'\}, now \{'alpha': 0\.01"),
+        (dict(surrogate={"formulation": "ovr"}), r"surrogate: .*now \{'alpha': 0\.0001, 'formulation': 'ovr'\}"),
+        (dict(query_data=(x_test[-60:], y_test[-60:])), r"query: checkpoint \{'size': 60, 'fingerprint': '\w+'\}, now \{'size': 60, "),
+        (dict(train_data=(x_train[:120], y_train[:120])), r"reference: checkpoint \{'size': 120, 'fingerprint': '\w+'\}, now \{'size': 120, "),
+    ]
+    for options, message in refused:
+        with pytest.raises(ValueError, match=rf"computed with other options \({message}.*Resume with the same options and data, or start a new fit"):
+            fit(tmp_path, [small_callback(top_k=0, **options)], max_epochs=3, ckpt_path=last)
+
+
+def test_resume_with_another_kernel_or_name_is_refused_and_one_without_a_history_warns(tmp_path):
+    """The callback's state is keyed by kernel and name: a resume that would not find it says so instead of dropping it."""
+    last = checkpointed(tmp_path, small_callback(top_k=0))
+    found = r"holds a fidelity history under another key: NTKAttributionCallback\{'kernel': 'proj_trntk', 'name': None\} "
+    with pytest.raises(ValueError, match=found + r"\(kernel: checkpoint 'proj_trntk', now 'proj_trntk0'\).*Resume with the same kernel, name and options"):
+        fit(tmp_path, [small_callback(top_k=0, kernel="proj_trntk0")], max_epochs=3, ckpt_path=last)
+    with pytest.raises(ValueError, match=found + r"\(other name\); this callback's key is NTKAttributionCallback\{'kernel': 'proj_trntk', 'name': 'b'\}"):
+        fit(tmp_path, [small_callback(top_k=0, name="b")], max_epochs=3, ckpt_path=last)
+
+    without = checkpointed(tmp_path / "plain")
+    added = small_callback(top_k=0)
+    with pytest.warns(UserWarning, match=r"resumes at epoch 2 from a checkpoint that holds no fidelity history.*starts at epoch 2"):
+        fit(tmp_path, [added], max_epochs=3, ckpt_path=without)
+    assert [row.epoch for row in added.history] == [2]
+
+
+def test_a_checkpoint_of_an_earlier_version_continues_its_history_with_a_warning(tmp_path):
+    """A saved state without the options recorded since (surrogate, layers, the examples' digests, the run) keeps its rows, and says what it could not check."""
+    first = small_callback(top_k=0)
+    last = checkpointed(tmp_path, first)
+    checkpoint = torch.load(last, weights_only=False)
+    state = checkpoint["callbacks"][first.state_key]
+    del state["run"]
+    state["options"] = {key: state["options"][key] for key in ("kernel", "projection", "subsets", "module", "params")}
+    torch.save(checkpoint, tmp_path / "earlier.ckpt")
+    resumed = small_callback(top_k=0)
+    with pytest.warns(UserWarning, match=r"earlier version of lightning-ntk that did not record layers, surrogate, reference, query; the history continues"):
+        fit(tmp_path, [resumed], max_epochs=3, ckpt_path=str(tmp_path / "earlier.ckpt"))
+    assert [row.epoch for row in resumed.history] == [0, 1, 2] and resumed.history[:2] == first.history
+
+
+def test_runs_with_other_options_share_a_store_and_keep_last_keeps_each_runs_own(tmp_path):
+    """Another K, projector, kernel or storage dtype writes beside the first run's entries; a second seed's run
+    with keep_last deletes only its own older entries."""
+    store = {"dir": str(tmp_path / "store"), "keep_last": 1}
+    first = small_callback(top_k=0, store=store)
+    fit(tmp_path, [first], max_epochs=2)
+    for options in (dict(projection={"dim": 48}), dict(projection={"projector": "rademacher"}), dict(kernel="proj_pntk"),
+                    dict(store={**store, "dtype": "float16"})):
+        other = small_callback(top_k=0, **{"store": store, **options})
+        fit(tmp_path, [other], max_epochs=1)
+        assert [row.store_reused for row in other.history] == [False]
+    second_seed = small_callback(top_k=0, store=store)
+    fit(tmp_path, [second_seed], max_epochs=2, seed=1)
+    names = [p.name for p in (tmp_path / "store").iterdir()]
+    assert len(names) == 6 and sum(name.startswith("epoch=0001-") for name in names) == 2  # each run kept its newest
+    assert sum(name.startswith(f"epoch=0001-{first.history[-1].parameters}-") for name in names) == 1
+    rerun = small_callback(top_k=0, store=store)
+    fit(tmp_path, [rerun], max_epochs=2)
+    assert [row.store_reused for row in rerun.history] == [False, True]  # the first run's newest entry is still there
+
+
+FORK = multiprocessing.get_context("fork")
+
+
+def run_sharing_a_store(root, dim, both_trained, results):
+    """One run of the test below, in its own process; reports its history's epochs or its error."""
+    class WaitForTheOther(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # before the NTK callback's checkpoint
+            both_trained.wait(120)
+
+    try:
+        callback = small_callback(top_k=0, projection={"dim": dim}, store={"dir": str(root / "store"), "keep_last": 1})
+        fit(root / str(dim), [WaitForTheOther(), callback], max_epochs=2)
+        results.put((dim, [row.epoch for row in callback.history]))
+    except BaseException as err:  # noqa: BLE001 (reported to the test process)
+        results.put((dim, repr(err)))
+
+
+def test_two_runs_with_other_options_at_once_both_complete(tmp_path):
+    both_trained, results = FORK.Barrier(2), FORK.Queue()
+    processes = [FORK.Process(target=run_sharing_a_store, args=(tmp_path, dim, both_trained, results)) for dim in (32, 48)]
+    for process in processes:
+        process.start()
+    returned = dict(results.get(timeout=300) for _ in processes)
+    for process in processes:
+        process.join(60)
+    assert returned == {32: [0, 1], 48: [0, 1]}
+    assert len(list((tmp_path / "store").iterdir())) == 2  # each run's newest entry
 
 
 class RandomShift(Dataset):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import lightning_ntk as ln
+from models import mlp
 from lightning_ntk.store import FeatureStore, StoreError, StoreMismatchError, StoreWarning
 
 REQUEST = {"kernel": "proj_trntk", "projection_dim": 8, "seed": 0, "reference": {"size": 6, "fingerprint": "ab12"}}
@@ -398,6 +399,36 @@ def test_retain_keeps_the_newest_entries_by_epoch_and_size_bytes_counts_the_file
     assert FeatureStore(tmp_path / "absent").retain(1) == [] and FeatureStore(tmp_path / "absent").size_bytes() == 0
     with pytest.raises(ValueError, match="keep_last must be a non-negative integer, not -1"):
         store.retain(-1)
+
+
+def test_retain_counts_and_deletes_only_the_entries_whose_info_matches(tmp_path):
+    """Runs sharing a folder each keep their own newest entries: one run's retain never deletes another's."""
+    store = FeatureStore(tmp_path)
+    for run, epochs in (("a", (0, 1, 2)), ("b", (0, 1))):
+        for epoch in epochs:
+            store.save(f"epoch={epoch:04d}-{run}", REQUEST, {"train": features(seed=epoch)}, info={"epoch": epoch, "run": run})
+    assert store.retain(1, prefix="epoch=", info={"run": "b"}) == ["epoch=0000-b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0000-a", "epoch=0001-a", "epoch=0001-b", "epoch=0002-a"]
+    assert store.retain(1, prefix="epoch=", info={"run": "a"}) == ["epoch=0000-a", "epoch=0001-a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0001-b", "epoch=0002-a"]
+
+
+def test_pipeline_runs_of_other_weights_or_options_share_a_store_side_by_side(tmp_path):
+    """Train more and run again, or run with another K: each run's entry is named by its weights and options."""
+    x, y = torch.randn(24, 6, generator=torch.Generator().manual_seed(0)), torch.arange(24) % 3
+    model, store = mlp(), FeatureStore(tmp_path)
+    first = ln.FidelityPipeline(model, projection={"dim": 16}).run((x, y), (x, y), store=store)
+    with torch.no_grad():
+        model[0].weight.add_(0.1)  # trained further
+    later = ln.FidelityPipeline(model, projection={"dim": 16}).run((x, y), (x, y), store=store)
+    wider = ln.FidelityPipeline(model, projection={"dim": 24}).run((x, y), (x, y), store=store)
+    again = ln.FidelityPipeline(model, projection={"dim": 16}).run((x, y), (x, y), store=store)
+    assert [c.record.store_reused for c in (first, later, wider, again)] == [False, False, False, True]
+    assert first.record.parameters != later.record.parameters
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 3 and all(name.startswith("checkpoint-") for name in names)
+    assert sum(name.startswith(f"checkpoint-{later.record.parameters}-") for name in names) == 2  # K 16 and K 24, side by side
+    assert leftovers(tmp_path) == []
 
 
 # -- bad disks ------------------------------------------------------------------------------------
