@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import dashboards
 from .attribution import Attribution, attribute, suspicious
 from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig, refuse_moved_options
-from .featurize import retained_heap
+from .featurize import model_device_dtype, retained_heap
 from .metrics import predictions
 from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, describe_params, entry_name, example_set
 from .projection import DEFAULT_MEMORY_BUDGET
@@ -210,6 +210,7 @@ class NTKAttributionCallback(L.Callback):
         self._query: ExampleSet | None = None
         self._epoch_end_step = -1
         self._cost: CheckpointCost | None = None
+        self._written: dict[int, str] = {}  # rank 0: the store entries this fit wrote, by epoch
         self._image_shape = image_shape
 
     @property
@@ -289,7 +290,7 @@ class NTKAttributionCallback(L.Callback):
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":  # a new fit starts a new history; a resumed one gets its own back in load_state_dict
-            self._history, self._last, self._kept, self._resumed, self._foreign = [], None, [], None, {}
+            self._history, self._last, self._kept, self._resumed, self._foreign, self._written = [], None, [], None, {}, {}
             self._run = uuid.uuid4().hex
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -316,7 +317,7 @@ class NTKAttributionCallback(L.Callback):
             self._check_resumed(trainer)
             self.pipeline = FidelityPipeline(
                 model, self.kernel.name, self.projection, self.surrogate_config, params=self.params, layers=self.layers, task=self.task,
-                storage_dtype=self.store_config.torch_dtype, batch_size=self.subsets.batch_size, memory_budget=self.memory_budget,
+                storage_dtype=self.store_config.storage_dtype(self.kernel.projected, model_device_dtype(model)[1]), batch_size=self.subsets.batch_size, memory_budget=self.memory_budget,
             )
             try:
                 self.pipeline.check(self._reference, self._query)
@@ -498,7 +499,8 @@ class NTKAttributionCallback(L.Callback):
         parts = local if with_logits else (local,)
         if world > 1:
             order = torch.arange(n)
-            parts = tuple(trainer.strategy.all_gather(part.to(trainer.strategy.root_device)).cpu()[order % world, order // world] for part in parts)
+            parts = tuple(trainer.strategy.all_gather(part.to(trainer.strategy.root_device, _common_dtype(trainer, part.dtype))).cpu()[order % world, order // world]
+                          for part in parts)
         return parts if with_logits else parts[0]
 
     def _load(self, name: str, request: dict[str, Any]) -> dict[str, Any] | None:
@@ -528,8 +530,9 @@ class NTKAttributionCallback(L.Callback):
                     info = {"epoch": epoch, "step": trainer.global_step, "run": self._run}
                     with _store_options_named():
                         stored.update(self._store.save(name, request, features.arrays(), info, overwrite=self.store_config.overwrite))
-                        if self.store_config.keep_last is not None:
+                        if isinstance(self.store_config.keep_last, int):
                             self._store.retain(self.store_config.keep_last, prefix="epoch=", info={"run": self._run})
+                    self._written[epoch] = name
 
                 _on_rank_zero(trainer, save)
             media: list[Any] = []
@@ -539,7 +542,10 @@ class NTKAttributionCallback(L.Callback):
                     self._last = pipeline.evaluate(CheckpointFeatures.from_arrays(stored), spec, self._last, epoch=epoch, step=trainer.global_step,
                                                    featurize_seconds=seconds, store_reused=reused, progress=progress)
                 kept = [c for c in self._kept if c.features.same_examples(self._last.features)]  # scores add up over the same examples
+                held = {c.record.epoch for c in self._kept} | {epoch}
                 self._kept = _spread(kept + [pipeline.keep_weights(self._last) if self.ensemble > 1 else self._last], self.ensemble)
+                if self.store_config.keep_last == "ensemble":
+                    self._release(held - {c.record.epoch for c in self._kept})
                 media[:] = [pipeline.fidelity_scores(self._last), self._attribution_table(trainer), self._suspicious_table(trainer)]
                 return self._last.record
 
@@ -559,6 +565,13 @@ class NTKAttributionCallback(L.Callback):
             for run in dashboards.wandb_runs(trainer.loggers):
                 dashboards.log_checkpoint_media(run, self._history, *media[0], table=media[1], suspicious=media[2], prefix=self.prefix)
             dashboards.log_history_plots(trainer.loggers, self._history, self.prefix)
+
+    def _release(self, epochs: set[int]) -> None:
+        """Delete the store entries this fit wrote for checkpoints that left the attribution ensemble."""
+        for epoch in epochs:
+            name = self._written.pop(epoch, None)
+            if name is not None:
+                self._store.delete(name)
 
     def _attribution_table(self, trainer: L.Trainer) -> Any:
         """The W&B table of the first query examples with their top-k proponents and opponents for the class
@@ -613,6 +626,18 @@ class CheckpointCost:
 def _differing(saved: dict[str, Any], current: dict[str, Any]) -> str:
     """The options recorded with a saved history that differ from the current ones, in words (those it did not record are skipped)."""
     return "; ".join(f"{key}: checkpoint {saved[key]!r}, now {current[key]!r}" for key in current if key in saved and saved[key] != current[key])
+
+
+RANGES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # by range
+
+
+def _common_dtype(trainer: L.Trainer, dtype: torch.dtype) -> torch.dtype:
+    """The widest of the ranks' dtypes of a gathered array: a rank keeps features beyond float16's range wider
+    (see :func:`~lightning_ntk.pipeline.storable`), and ``all_gather`` needs one dtype."""
+    if dtype not in RANGES:
+        return dtype
+    widest = trainer.strategy.all_gather(torch.tensor(RANGES.index(dtype), device=trainer.strategy.root_device)).max()
+    return RANGES[int(widest)]
 
 
 def _spread(checkpoints: list[Checkpoint], size: int) -> list[Checkpoint]:

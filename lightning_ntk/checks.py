@@ -10,12 +10,13 @@ from typing import Any
 FORMULATIONS = ("multinomial", "ovr")
 
 
-def check_count(name: str, value: Any, allow_none: bool = True, minimum: int = 1) -> None:
-    """An integer ≥ ``minimum`` (or None where ``allow_none``); booleans are refused."""
+def check_count(name: str, value: Any, allow_none: bool = True, minimum: int = 1, hint: str = "") -> None:
+    """An integer ≥ ``minimum`` (or None where ``allow_none``); booleans are refused. ``hint``: the other
+    values allowed, for the message."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}{' or None' if allow_none else ''}, got {value!r}.")
+        raise ValueError(f"{name} must be an integer ≥ {minimum}{' or None' if allow_none else ''}{hint}, got {value!r}.")
 
 
 def is_positive(value: Any) -> bool:

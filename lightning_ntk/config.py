@@ -111,26 +111,34 @@ class StoreConfig(_Options):
     """Where and how the features of each checkpoint are kept on disk.
 
     ``dir``: default ``<trainer log folder>/ntk_store``. ``overwrite``: compute each checkpoint's features
-    again and replace its stored entry instead of reusing it. ``keep_last``: delete all but the newest
-    ``keep_last`` checkpoints this run wrote (None keeps every one; other runs' entries are left alone). ``dtype``: storage precision of the features
-    (``"float16"``/``"bfloat16"`` halve the store; kernels still accumulate in float32; None keeps the
-    model's precision).
+    again and replace its stored entry instead of reusing it. ``keep_last``: which of the checkpoints this
+    run wrote stay on disk (other runs' entries are left alone): ``"ensemble"`` those the attribution
+    ensemble holds (the callback's ``ensemble``, the latest always), an integer the newest ``keep_last``,
+    None every one. ``dtype``: storage precision of the features. ``"auto"``: float16 for projected kernels
+    of models below float64 precision, which halves the store and moves neither Kendall-τ nor the
+    attributions beyond the projection's own seed-to-seed spread (``benchmarks/storage_precision.py``;
+    kernels still accumulate in float32, and features beyond float16's range are kept wider with a
+    warning), else the model's precision (exact kernels stay exact); None: the model's precision.
     """
 
     dir: str | None = None
     overwrite: bool = False
-    keep_last: int | None = None
-    dtype: str | None = None
+    keep_last: int | str | None = "ensemble"
+    dtype: str | None = "auto"
 
     def __post_init__(self) -> None:
         check_path("dir", self.dir)
         check_flag("overwrite", self.overwrite)
-        check_count("keep_last", self.keep_last)
+        if self.keep_last != "ensemble":
+            check_count("keep_last", self.keep_last, hint=' or "ensemble"')
         if self.dtype is not None:
-            check_choice("storage dtype", self.dtype, STORAGE_DTYPES)
+            check_choice("storage dtype", self.dtype, ["auto", *STORAGE_DTYPES])
 
-    @property
-    def torch_dtype(self) -> torch.dtype | None:
+    def storage_dtype(self, projected: bool, model_dtype: torch.dtype) -> torch.dtype | None:
+        """The features' dtype in the store for a kernel (projected or not) of a model of ``model_dtype``
+        (None: the model's precision)."""
+        if self.dtype == "auto":
+            return torch.float16 if projected and model_dtype != torch.float64 else None
         return None if self.dtype is None else STORAGE_DTYPES[self.dtype]
 
 

@@ -363,6 +363,10 @@ class FeatureStore:
         self._remove_abandoned()
         return retired
 
+    def delete(self, name: str) -> None:
+        """Delete an entry (nothing if there is none)."""
+        self._delete(self.path(name))
+
     def size_bytes(self) -> int:
         """Bytes held by the store's files, hidden folders (writes in progress, damaged entries) included."""
         total = 0

@@ -16,7 +16,7 @@ from wandb_offline import find_runs, read_run
 
 import lightning_ntk as ln
 from conftest import DigitsMLP, fit, small_callback, stored_checkpoint
-from lightning_ntk.demos import DigitsDataModule
+from lightning_ntk.demos import DigitsDataModule, load_digits_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two contending ones
 
@@ -44,7 +44,8 @@ def test_end_to_end_with_wandb_offline(tmp_path, wandb_dir):
     assert len(x_train) == 120 and len(x_query) == 60
     assert torch.equal(stored["reference_labels"], y_train) and torch.equal(stored["query_labels"], y_query)
     features = ln.project_features(model, x_train, "proj_trntk", projection_dim=32, projector="sketch", seed=0)
-    torch.testing.assert_close(stored["reference_features"], features, rtol=1e-4, atol=1e-6)
+    assert stored["reference_features"].dtype == torch.float16  # the store's default for projected kernels
+    torch.testing.assert_close(stored["reference_features"], features.half(), rtol=1e-4, atol=1e-6)
     model.eval()
     with torch.no_grad():
         network_logits = model(x_query)
@@ -191,7 +192,7 @@ def test_resume_continues_the_history_and_a_rerun_reuses_the_store(tmp_path):
     assert overwritten.history[0].store_reused is False
 
 
-@pytest.mark.parametrize("precision, dtype", [("bf16-mixed", np.float32), ("64-true", np.float64)])
+@pytest.mark.parametrize("precision, dtype", [("bf16-mixed", np.float16), ("64-true", np.float64)])  # float16 by default, but float64 models
 def test_precision_settings(tmp_path, precision, dtype):
     callback = small_callback(top_k=0, epochs=[])
     fit(tmp_path, [callback], max_epochs=1, precision=precision)
@@ -284,3 +285,19 @@ def test_the_default_schedule_keeps_checkpoints_within_a_share_of_training_time(
     assert "estimated from featurizing 32 of its 180 examples" in line, line
     for words in says:
         assert words in line, line
+
+
+def test_the_store_keeps_only_the_checkpoints_the_attribution_ensemble_holds(tmp_path):
+    """By default (keep_last="ensemble") the entries of checkpoints that left the ensemble are deleted as the run
+    goes, so the store stays bounded however long the run; entries of an earlier run in the same folder stay."""
+    earlier = small_callback(top_k=0, ensemble=1)
+    fit(tmp_path, [earlier], max_epochs=1, seed=1)
+    callback = small_callback(top_k=0, ensemble=3)
+    fit(tmp_path, [callback], max_epochs=6)
+    kept = [c.record.epoch for c in callback._kept]
+    assert len(callback.history) == 6 and len(kept) == 3 and kept[0] == 0 and kept[-1] == 5
+    names = sorted(p.name for p in (tmp_path / "ntk_store").iterdir())
+    own = [name for name in names if not name.startswith(f"epoch=0000-{earlier.history[0].parameters}")]
+    assert [int(name[6:10]) for name in own] == kept and len(names) == 4
+    x, y = load_digits_tensors()[2:]
+    assert callback.attribute((x[:5], y[:5]), top_k=2).proponent_indices.shape == (5, 2)  # from the kept checkpoints' entries

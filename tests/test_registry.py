@@ -37,9 +37,11 @@ def test_the_callback_computes_the_kernel_its_name_says(tmp_path, name):
     stored = stored_checkpoint(tmp_path, 0)
     x_train = load_digits_tensors()[0][stored["reference_indices"]]
     kernel = get_kernel(name)
+    assert stored["reference_features"].dtype == (torch.float16 if kernel.projected else torch.float32)  # store dtype "auto"
     got = ln.kernel_from_features(stored["reference_features"], normalize=kernel.normalized)
     if kernel.projected:
-        want = ln.kernel_from_features(ln.project_features(model, x_train, name, 32, "sketch", seed=0), normalize=kernel.normalized)
+        features = ln.project_features(model, x_train, name, 32, "sketch", seed=0).to(stored["reference_features"].dtype)  # float16 in the store
+        want = ln.kernel_from_features(features, normalize=kernel.normalized)
     else:
         want = ln.exact_kernel(model, x_train, kind=name)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -188,7 +188,7 @@ def test_runs_with_other_options_share_a_store_and_keep_last_keeps_each_runs_own
     first = small_callback(top_k=0, store=store)
     fit(tmp_path, [first], max_epochs=2)
     for options in (dict(projection={"dim": 48}), dict(projection={"projector": "rademacher"}), dict(kernel="proj_pntk"),
-                    dict(store={**store, "dtype": "float16"})):
+                    dict(store={**store, "dtype": "float32"})):
         other = small_callback(top_k=0, **{"store": store, **options})
         fit(tmp_path, [other], max_epochs=1)
         assert [row.store_reused for row in other.history] == [False]
