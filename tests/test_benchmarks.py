@@ -42,3 +42,18 @@ def test_attribution_quality_runs_and_prints_its_tables():
                 "TRAK, the same 4 checkpoints, λ tuned", "cost: attributing the 40 queries", "surrogate's loss on the example"):
         assert row in out, out[-2000:]
     assert re.search(r"\| library influence, final model \(surrogate's Kendall-τ [0-9.]+\) \| -?[0-9.]+ ± [0-9.]+ \| [0-9.]+ \|", out), out[-2000:]
+
+
+@pytest.mark.slow
+def test_callback_overhead_runs_and_prints_its_table():
+    out = run_script("benchmarks/callback_overhead.py", "--quick")
+    assert "| model | epochs | fit without the callback (s) |" in out
+    for model in ("cnn", "bert"):
+        assert re.search(rf"\| {model} \([0-9,]+ parameters\) \| 3 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| 1 \(epochs 2\) \|", out), out[-2000:]
+
+
+@pytest.mark.slow
+def test_storage_precision_runs_and_prints_its_table():
+    out = run_script("benchmarks/storage_precision.py", "--quick", "--setups", "mlp")
+    for dtype in ("float32", "float16", "bfloat16"):
+        assert f"| mlp | {dtype} |" in out, out[-2000:]
