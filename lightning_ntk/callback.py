@@ -272,12 +272,14 @@ class NTKAttributionCallback(L.Callback):
                          "(subsets={'max_train_examples': ..., 'max_query_examples': ...}) make checkpoints cheaper.")
             return line
         planned = self._planned(trainer)
-        if planned is None:  # a run of unknown length
-            per_epoch = ratio / self.every_n_epochs if self.every_n_epochs else ratio
-            return line + f"{'every_n_epochs=' + str(self.every_n_epochs) if self.every_n_epochs else 'each listed epoch'} adds ≈ {per_epoch:.0%} of an epoch."
-        count, epochs = planned
-        return line + (f"this schedule ({count} checkpoint(s) in {epochs} epochs) makes the callback ≈ {count * ratio / epochs:.0%} of "
-                       f"training; budget={self.budget or DEFAULT_BUDGET} without an explicit schedule would take one every {spacing} epochs.")
+        if planned is not None:
+            count, epochs = planned
+            share = f"this schedule ({count} checkpoint(s) in {epochs} epochs) makes the callback ≈ {count * ratio / epochs:.0%} of training"
+        elif self.every_n_epochs:  # a run of unknown length
+            share = f"every_n_epochs={self.every_n_epochs} makes the callback ≈ {ratio / self.every_n_epochs:.0%} of training"
+        else:
+            share = f"the {len(self.epochs)} listed epoch(s) are obeyed"
+        return line + f"{share}; budget={self.budget or DEFAULT_BUDGET} without an explicit schedule would take one every {spacing} epochs."
 
     def _planned(self, trainer: L.Trainer) -> tuple[int, int] | None:
         """How many checkpoints the explicit schedule takes in the run's epochs (the fit end's included), if it has a known length."""
