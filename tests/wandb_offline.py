@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +82,25 @@ class OfflineRun:
         return json.loads((self.path / "files" / relative_path).read_text())
 
 
-def read_run(run_dir: str | Path) -> OfflineRun:
-    """Decode the single ``run-*.wandb`` log of an offline run folder."""
+def read_run(run_dir: str | Path, timeout: float = 30.0) -> OfflineRun:
+    """Decode the single ``run-*.wandb`` log of an offline run folder, once W&B's writer has finished it:
+    ``finish()`` can return while its service process is still writing the last records, so the log is
+    read again until it holds the run's exit record (or ``timeout`` seconds have passed)."""
     run_dir = Path(run_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            run = _decode(run_dir)
+        except ValueError:  # a record half written
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if run.exit_code is not None or time.monotonic() > deadline:
+                return run
+        time.sleep(0.2)
+
+
+def _decode(run_dir: Path) -> OfflineRun:
     logs = sorted(run_dir.glob("run-*.wandb"))
     if len(logs) != 1:
         raise FileNotFoundError(f"Expected one run-*.wandb log in {run_dir}, found {len(logs)}.")
