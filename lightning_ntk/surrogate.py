@@ -928,8 +928,13 @@ def fit_from_features(
             f"Training features must be a non-empty [N, K] or [N, C, K] array, got shape {getattr(train_features, 'shape', None)}."
         )
     num_train = train_features.shape[0] if shard is None else shard.num_train
-    if shard is not None and len(shard.rows) != train_features.shape[0]:
-        raise ValueError(f"This rank's shard holds {len(shard.rows)} rows, but got {train_features.shape[0]} rows of features: pass the features of shard.rows.")
+    if shard is not None:  # told on every rank, so that none is left waiting in the fit's collectives
+        wrong = int(shard.all_reduce(torch.tensor([len(shard.rows) != train_features.shape[0]], dtype=torch.long)))
+        if wrong:
+            raise ValueError(
+                f"{wrong} rank(s) got other rows of features than their shard holds (this rank: {len(shard.rows)} rows in its shard, "
+                f"{train_features.shape[0]} rows of features): pass each rank the features of its shard.rows."
+            )
     labels, outputs = _labels(train_labels, num_train, num_outputs)
     flat = flat_unit_features(train_features, normalize)
     diagonal = flat.double().pow(2).sum(1)

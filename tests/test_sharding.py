@@ -52,6 +52,12 @@ def worker(rank, world, port, out):
         shard = Shard(torch.arange(rank, len(features), world), len(features))
         found[str(dtype)] = results(features, labels, query, shard)
         found[str(dtype)]["bytes_sent"] = shard.bytes_sent
+    features, labels, _ = problem(torch.float64)
+    try:  # all the rows given to rank 0, which holds half of them; rank 1 is right
+        rows = torch.arange(rank, len(features), world)
+        fit_from_features(features if rank == 0 else features[rows], labels, shard=Shard(rows, len(features)))
+    except ValueError as err:
+        found["all_rows"] = str(err)
     try:  # both ranks hold rows 0..2 of 5
         Shard(torch.arange(3), 5)
     except ValueError as err:
@@ -92,6 +98,12 @@ def test_sharded_fit_logits_and_attribution_equal_one_process(ranks, dtype, tole
 
 def test_ranks_whose_rows_overlap_are_refused(ranks):
     assert all("do not cover 0..4 once" in rank["overlap"] for rank in ranks)
+
+
+def test_features_of_other_rows_than_the_shards_are_refused(ranks):
+    """Every rank is told, the right one too: none waits in a collective for the other."""
+    assert ranks[0]["all_rows"].startswith("1 rank(s) got other rows of features than their shard holds (this rank: 31 rows in its shard, 61 rows")
+    assert ranks[1]["all_rows"].startswith("1 rank(s) got other rows of features than their shard holds (this rank: 30 rows in its shard, 30 rows")
 
 
 def test_a_shard_needs_a_process_group():
