@@ -18,6 +18,7 @@ from .pipeline import Checkpoint, CheckpointFeatures, CheckpointRecord, Fidelity
 from .projection import RandomProjector, SketchProjector  # noqa: E402
 from .registry import KERNELS, Kernel, get_kernel  # noqa: E402
 from .store import FeatureStore, StoreError, StoreMismatchError  # noqa: E402
+from .sharding import Shard  # noqa: E402
 from .surrogate import KernelSurrogate, fit_from_features, fit_from_kernel  # noqa: E402
 from .task import Task  # noqa: E402
 
@@ -39,6 +40,7 @@ __all__ = [
     "NonFiniteGradientError",
     "ProjectionConfig",
     "RandomProjector",
+    "Shard",
     "SketchProjector",
     "StoreConfig",
     "StoreError",

@@ -23,6 +23,7 @@ import torch
 from .featurize import FeatureSpec
 from .kernels import DEFAULT_BLOCK_SIZE
 from .metrics import predictions
+from .sharding import Shard
 from .surrogate import KernelSurrogate
 
 TopK = tuple[torch.Tensor, torch.Tensor]  # (values, indices), each [M, k]
@@ -57,28 +58,46 @@ class Attribution:
     scores: torch.Tensor | None = None
 
 
-def _running_top_k(best: TopK | None, scores: torch.Tensor, offset: int, k: int) -> TopK:
-    """Merge the top-k of one block of columns (starting at ``offset``) into the best so far."""
+def _running_top_k(best: TopK | None, scores: torch.Tensor, columns: slice | torch.Tensor, k: int) -> TopK:
+    """Merge the top-k of one block of training ``columns`` (a range, or a shard's positions) into the best so far."""
     values, indices = scores.topk(min(k, scores.shape[1]), dim=1)
-    indices = indices + offset
+    indices = indices + columns.start if isinstance(columns, slice) else columns[indices]
     if best is not None:
         values, order = torch.cat([best[0], values], 1).topk(min(k, best[0].shape[1] + values.shape[1]), dim=1)
         indices = torch.cat([best[1], indices], 1).gather(1, order)
     return values, indices
 
 
+def _merged_top_k(shard: Shard, best: TopK, k: int) -> TopK:
+    """The top-k over all ranks from each rank's top-k of its own columns: one all-gather of ``[M, k]`` scores
+    and positions."""
+    missing = k - best[0].shape[1]  # a rank with fewer than k rows
+    values = torch.cat([best[0], best[0].new_full((len(best[0]), missing), -torch.inf)], 1)
+    indices = torch.cat([best[1], best[1].new_full((len(best[1]), missing), -1)], 1)
+    values, order = torch.cat(shard.all_gather(values), 1).topk(min(k, shard.num_train), dim=1)
+    return values, torch.cat(shard.all_gather(indices), 1).gather(1, order)
+
+
+def _own_columns(surrogate: KernelSurrogate, block_size: int) -> Iterator[tuple[slice, slice | torch.Tensor]]:
+    """``(rows of train_features, training columns)`` blocks of the training examples this process holds:
+    all of them (columns a range), or its shard's (columns the shard's positions)."""
+    shard = surrogate.shard
+    count = surrogate.hparams.num_train if shard is None else len(shard.rows)
+    for start in range(0, count, block_size):
+        here = slice(start, min(start + block_size, count))
+        yield here, here if shard is None else shard.rows[here]
+
+
 def _column_blocks(
     surrogate: KernelSurrogate, query_kernel: Any, query_features: Any, spec: FeatureSpec | None, block_size: int
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """``(training columns, κ(query, X_train[columns]))`` blocks, in float64."""
-    num_train = surrogate.hparams.num_train
+    """``(training columns, κ(query, X_train[columns]))`` blocks of the columns this process holds, in float64."""
     query = None if query_features is None else surrogate.unit_query_features(query_features, spec)
-    for start in range(0, num_train, block_size):
-        columns = slice(start, min(start + block_size, num_train))
+    for here, columns in _own_columns(surrogate, block_size):
         if query is None:
             block = torch.as_tensor(query_kernel[:, columns])
         else:
-            block = query @ surrogate.train_features[columns].T
+            block = query @ surrogate.train_features[here].T
         yield columns, block.double()
 
 
@@ -111,7 +130,8 @@ class _Influence:
     cost linear in ``N``. Refitting ``N`` times instead would cost ``N`` fits.
 
     The training side does not depend on the queries: it is computed once per surrogate (:meth:`of`) and
-    kept, ``N·(r + 1)·C`` numbers.
+    kept, ``N·(r + 1)·C`` numbers (of a shard's rows only, with sharded features: ``position`` maps training
+    columns to them).
     """
 
     _cache: "weakref.WeakKeyDictionary[KernelSurrogate, _Influence]" = weakref.WeakKeyDictionary()
@@ -133,8 +153,12 @@ class _Influence:
         self.weight = surrogate.weight.detach().double().cpu()
         self.width, self.outputs = curvature.basis.shape[1] + 1, self.weight.shape[0]
         self.inverse = torch.cholesky_inverse(curvature.hessian_factor).view(self.width, self.outputs, self.width, self.outputs)
-        blocks = [self._training_block(slice(start, start + DEFAULT_BLOCK_SIZE)) for start in range(0, self.num_train, DEFAULT_BLOCK_SIZE)]
+        blocks = [self._training_block(columns) for _, columns in _own_columns(surrogate, DEFAULT_BLOCK_SIZE)]
         self.directions, self.multipliers = (torch.cat(parts) for parts in zip(*blocks))
+        self.position = None
+        if surrogate.shard is not None:
+            self.position = torch.empty(self.num_train, dtype=torch.long)
+            self.position[surrogate.shard.rows] = torch.arange(len(surrogate.shard.rows))
 
     def query_side(self, projections: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         """``H⁻¹ ∇m(x)`` on the basis, ``[M, r + 1, C]``, from the queries' projections on the basis ``κ_x·U``
@@ -161,7 +185,8 @@ class _Influence:
 
     def scores(self, query_side: torch.Tensor, projections: torch.Tensor, gradients: torch.Tensor, block: torch.Tensor, columns: slice) -> torch.Tensor:
         """``[M, J]`` scores of the training examples in ``columns`` for the queries (``block``: their kernel rows)."""
-        direction, multipliers = self.directions[columns], self.multipliers[columns]
+        own = columns if self.position is None else self.position[columns]
+        direction, multipliers = self.directions[own], self.multipliers[own]
         on_basis = torch.einsum("mac,jac->mj", query_side, direction)
         off_basis_rows = block - projections @ self.curvature.basis[columns].T
         return on_basis + (gradients @ multipliers.T) * off_basis_rows / self.alpha
@@ -190,6 +215,8 @@ def _scorer(surrogate: KernelSurrogate, logits: torch.Tensor, target: torch.Tens
         return lambda block, columns: block * explained[:, columns]
     influence = _Influence.of(surrogate)
     projections = sum(block @ influence.curvature.basis[columns] for columns, block in column_blocks())
+    if surrogate.shard is not None:  # the queries' projections on the basis sum over every rank's columns
+        projections = surrogate.shard.all_reduce(projections)
     gradients = margin_gradients(surrogate, logits, target)
     query_side = influence.query_side(projections, gradients)
     return lambda block, columns: influence.scores(query_side, projections, gradients, block, columns)
@@ -252,9 +279,14 @@ def attribute(
         total = sum(score(block, columns) for (_, block), score in zip(parts, scorers)) / len(scorers)
         if return_scores:
             full.append(total)
-        proponents = _running_top_k(proponents, total, columns.start, top_k)
-        opponents = _running_top_k(opponents, -total, columns.start, top_k)
-        similar = _running_top_k(similar, parts[-1][1], columns.start, top_k)
+        proponents = _running_top_k(proponents, total, columns, top_k)
+        opponents = _running_top_k(opponents, -total, columns, top_k)
+        similar = _running_top_k(similar, parts[-1][1], columns, top_k)
+    shard = members[-1].shard
+    scores = torch.cat(full, 1) if return_scores else None
+    if shard is not None:  # each rank ranked its own columns
+        proponents, opponents, similar = (_merged_top_k(shard, best, top_k) for best in (proponents, opponents, similar))
+        scores = None if scores is None else shard.gather(scores.T).T
     return Attribution(
         method=method,
         target=target,
@@ -265,7 +297,7 @@ def attribute(
         opponent_scores=-opponents[0].float(),
         similar_indices=similar[1],
         similar_scores=similar[0].float(),
-        scores=torch.cat(full, 1) if return_scores else None,
+        scores=scores,
     )
 
 

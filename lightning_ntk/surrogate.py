@@ -40,6 +40,7 @@ from .featurize import FeatureSpec
 from .jacobian import all_finite
 from .kernels import DEFAULT_BLOCK_SIZE, as_tensor, unit_rows
 from .metrics import predictions
+from .sharding import Shard
 
 NORMALISED_TOLERANCE = 1e-3  # a cosine kernel has a unit diagonal and |κ| ≤ 1, up to float32 rounding
 # relative to the kernel's size: far above the rounding of float32 (or bfloat16-input) products, far below a real fault
@@ -169,13 +170,16 @@ class _KernelOperator:
         self.size = values.shape[0]
         self.passes = 0
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.passes += 1
+    def _in_storage_precision(self, x: torch.Tensor) -> torch.Tensor:
         if self.values.dtype != torch.float64:
             # entries 2⁻⁶⁰ below their column's largest do not change a float32 product, but would
             # reach it as subnormal numbers, which slow matrix products down many times over
             x = x.masked_fill(x.abs() < x.abs().amax(0) * 2.0**-60, 0.0)
-        x = x.to(self.values.dtype)
+        return x.to(self.values.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        x = self._in_storage_precision(x)
         product = self.values @ (self.values.T @ x) if self.factored else self.values @ x
         return product.double() / self.scale
 
@@ -193,6 +197,39 @@ class _KernelOperator:
             projected = sum(self.values[block].double().T @ x[block] for block in blocks)
             return torch.cat([self.values[block].double() @ projected for block in blocks]) / self.scale
         return torch.cat([self.values[block].double() @ x for block in blocks]) / self.scale
+
+
+class _ShardedKernelOperator(_KernelOperator):
+    """The products of :class:`_KernelOperator` with features sharded by rows over ranks (``values``: this
+    rank's ``Φ_r``, the rows ``shard.rows``), for solver vectors ``x`` ``[N, C]`` replicated on every rank:
+    ``K x = Φ (Φᵀ x)`` as ``z = Σ_r Φ_rᵀ x_r`` (one all-reduce of ``[F, C]``), then this rank's rows ``Φ_r z``,
+    gathered (one all-gather of ``[N, C]``). Every rank gets the same product, so the solver, run on each rank,
+    takes the same steps everywhere."""
+
+    def __init__(self, values: torch.Tensor, shard: Shard, scale: float = 1.0):
+        super().__init__(values, True, scale)
+        self.shard, self.size = shard, shard.num_train
+
+    def _product(self, x: torch.Tensor, dtype: torch.dtype, block_elements: int) -> torch.Tensor:
+        """``K x`` (unscaled) with ``Φ_r`` read in row blocks and multiplied in ``dtype``."""
+        local = x[self.shard.rows.to(x.device)].to(dtype)
+        rows = max(1, block_elements // self.values.shape[1])
+        blocks = [slice(start, start + rows) for start in range(0, max(1, len(local)), rows)]
+        projected = self.shard.all_reduce(sum((self.values[block].to(dtype).T @ local[block] for block in blocks), local.new_zeros(self.values.shape[1], x.shape[1])))
+        return self.shard.gather(torch.cat([self.values[block].to(dtype) @ projected for block in blocks]).double())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        return self._product(self._in_storage_precision(x), self.values.dtype, self.values.numel()) / self.scale
+
+    def diagonal(self) -> torch.Tensor:
+        return self.shard.gather(self.values.double().pow(2).sum(1)) / self.scale
+
+    def exact(self, x: torch.Tensor, block_elements: int = 1 << 24) -> torch.Tensor:
+        if self.values.dtype == torch.float64:
+            return self(x)
+        self.passes += 1
+        return self._product(x, torch.float64, block_elements) / self.scale
 
 
 def _top_eigenpairs(kernel: _KernelOperator, rank: int, oversample: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -540,6 +577,7 @@ class KernelSurrogate(L.LightningModule):
         feature_shape: tuple[int, ...] | None = None,
         spec: dict | None = None,
         kernel_scale: float = 1.0,
+        feature_rows: int | None = None,
     ):
         super().__init__()
         check_choice("formulation", formulation, FORMULATIONS)
@@ -552,12 +590,14 @@ class KernelSurrogate(L.LightningModule):
         self.weight = torch.nn.Parameter(torch.zeros(num_outputs, num_train))
         self.bias = torch.nn.Parameter(torch.zeros(num_outputs))
         self.register_buffer("class_weights", torch.ones(max(2, num_outputs), dtype=torch.float64))
-        features = None if feature_shape is None else torch.zeros(num_train, int(np.prod(feature_shape)))
+        rows = num_train if feature_rows is None else feature_rows  # a shard's rows (see fit_from_features' shard)
+        features = None if feature_shape is None else torch.zeros(rows, int(np.prod(feature_shape)))
         self.register_buffer("train_features", features)  # unit-norm (if normalized) flattened training features
         self.spec = FeatureSpec(**spec) if spec is not None else None
         self.history: list[float] = []
         self.fit_record: dict[str, Any] = {}
         self.curvature: Curvature | None = None  # set by the fit
+        self.shard: Shard | None = None  # the rows of train_features, when they are this rank's shard
 
     @property
     def penalty(self) -> float:
@@ -591,8 +631,12 @@ class KernelSurrogate(L.LightningModule):
         return kernel_rows.to(self.weight.dtype) @ self.weight.T + self.bias
 
     def _feature_logits(self, unit_query: torch.Tensor) -> torch.Tensor:
-        """``W κ(q, X)ᵀ + b`` as ``q (Φᵀ Wᵀ) + b``: no kernel row is formed."""
-        return unit_query.to(self.weight.dtype) @ (self.train_features.T @ self.weight.T) + self.bias
+        """``W κ(q, X)ᵀ + b`` as ``q (Φᵀ Wᵀ) + b``: no kernel row is formed. With sharded features, ``Φᵀ Wᵀ`` is
+        the sum of the ranks' ``Φ_rᵀ W_rᵀ`` (one all-reduce of ``[F, C]``): a collective, every rank calls it."""
+        if self.shard is None:
+            return unit_query.to(self.weight.dtype) @ (self.train_features.T @ self.weight.T) + self.bias
+        folded = self.shard.all_reduce(self.train_features.T @ self.weight[:, self.shard.rows.to(self.weight.device)].T)
+        return unit_query.to(self.weight.dtype) @ folded + self.bias
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training objective: mean (class-weighted for ``ovr``) cross-entropy plus ``penalty/2·‖W‖²``."""
@@ -734,6 +778,7 @@ def _fit(
     max_iter: int,
     preconditioner_rank: int,
     progress: Callable[[int, float], None] | None,
+    shard: Shard | None = None,
 ) -> KernelSurrogate:
     check_solver_options(tolerance, max_iter)
     check_count("preconditioner_rank", preconditioner_rank, allow_none=False)
@@ -741,7 +786,8 @@ def _fit(
     surrogate.balance_classes(labels)
     scale = float(surrogate.hparams.kernel_scale)
     loss = _CrossEntropy(labels.to(solve_on), surrogate.hparams.num_outputs, surrogate.hparams.formulation, surrogate.class_weights)
-    objective = _Objective(_KernelOperator(values.to(solve_on), factored, scale), loss, surrogate.hparams.alpha)
+    kernel = _KernelOperator(values.to(solve_on), factored, scale) if shard is None else _ShardedKernelOperator(values.to(solve_on), shard, scale)
+    objective = _Objective(kernel, loss, surrogate.hparams.alpha)
     warm = init is not None and tuple(init.weight.shape) == tuple(surrogate.weight.shape)
     start = init if warm else surrogate
     # the solver's unknowns are the weights on the scaled kernel K / scale: W·scale
@@ -863,24 +909,39 @@ def fit_from_features(
     preconditioner_rank: int = 64,
     progress: Callable[[int, float], None] | None = None,
     device: str | torch.device = "auto",
+    shard: Shard | None = None,
 ) -> KernelSurrogate:
     """Fit a surrogate on the kernel of training features ``[N, C, K]`` or ``[N, K]`` (a tensor or a
     numpy array, memmaps included) without forming it: memory ``O(N·C·K)``. ``normalize`` chooses the
     cosine-normalised kernel (trNTK, pNTK) or the raw one (trNTK⁰). The surrogate keeps the
     (normalised) features; query logits then come from :meth:`KernelSurrogate.predict_from_features`,
     which refuses queries whose ``spec`` differs. Other arguments as in :func:`fit_from_kernel`.
+
+    ``shard``: the features are this rank's rows ``shard.rows`` of the training set (:class:`Shard`), and the
+    labels are all ``N`` of them. Every rank of the shard's group calls this at once; the kernel's products are
+    collectives (:class:`_ShardedKernelOperator`), every rank solves the same problem and returns the same
+    weights, curvature and record, and each surrogate keeps only its rank's features (``surrogate.shard``), so
+    that no rank holds all of them. The result equals the fit on all the rows in one process.
     """
     if len(getattr(train_features, "shape", ())) not in (2, 3) or train_features.shape[0] == 0:
         raise ValueError(
             f"Training features must be a non-empty [N, K] or [N, C, K] array, got shape {getattr(train_features, 'shape', None)}."
         )
-    num_train = train_features.shape[0]
+    num_train = train_features.shape[0] if shard is None else shard.num_train
+    if shard is not None:  # told on every rank, so that none is left waiting in the fit's collectives
+        wrong = int(shard.all_reduce(torch.tensor([len(shard.rows) != train_features.shape[0]], dtype=torch.long)))
+        if wrong:
+            raise ValueError(
+                f"{wrong} rank(s) got other rows of features than their shard holds (this rank: {len(shard.rows)} rows in its shard, "
+                f"{train_features.shape[0]} rows of features): pass each rank the features of its shard.rows."
+            )
     labels, outputs = _labels(train_labels, num_train, num_outputs)
     flat = flat_unit_features(train_features, normalize)
+    diagonal = flat.double().pow(2).sum(1)
     surrogate = KernelSurrogate(
         num_train, outputs, alpha, formulation, normalized=normalize,
         feature_shape=tuple(train_features.shape[1:]), spec=spec.to_dict() if spec is not None else None,
-        kernel_scale=_kernel_scale(flat.double().pow(2).sum(1), normalize),
+        kernel_scale=_kernel_scale(diagonal if shard is None else shard.gather(diagonal), normalize), feature_rows=len(flat),
     )
-    surrogate.train_features = flat
-    return _fit(surrogate, surrogate.train_features, True, labels, init, device, tolerance, max_iter, preconditioner_rank, progress)
+    surrogate.train_features, surrogate.shard = flat, shard
+    return _fit(surrogate, surrogate.train_features, True, labels, init, device, tolerance, max_iter, preconditioner_rank, progress, shard)
