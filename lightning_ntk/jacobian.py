@@ -119,8 +119,10 @@ def parameter_fingerprint(params: dict[str, torch.Tensor]) -> str:
 def state_fingerprint(model: nn.Module, params: dict[str, torch.Tensor]) -> str:
     """The fingerprint of the selected parameters and of every buffer of the model: eval-mode outputs, and
     with them gradients, depend on buffers such as BatchNorm's running statistics, which a forward pass in
-    train mode moves without a parameter changing."""
-    return parameter_fingerprint({**params, **{f"buffer {name}": b for name, b in model.named_buffers()}})
+    train mode moves without a parameter changing. BatchNorm's ``num_batches_tracked`` is left out: a count of
+    training steps that no eval-mode output reads."""
+    buffers = {f"buffer {name}": b for name, b in model.named_buffers() if not name.endswith("num_batches_tracked")}
+    return parameter_fingerprint({**params, **buffers})
 
 
 @contextlib.contextmanager

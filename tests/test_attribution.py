@@ -198,3 +198,19 @@ def test_batch_norm_statistics_moved_after_fit_count_as_a_changed_model(tmp_path
     assert all(torch.equal(v, moved[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="model changed since the surrogate was fitted.*running statistics"):
         latest.attribute(x_test[:4])
+
+
+def test_the_fingerprint_covers_running_statistics_but_not_the_count_of_steps():
+    """A forward pass in train mode moves BatchNorm's running statistics (eval outputs change) and its step count
+    (nothing reads it in eval mode): only the first is a changed model. A DDP-trained network reloaded and run
+    at lr 0 with momentum 0 keeps its statistics but counts more steps."""
+    from lightning_ntk.jacobian import state_fingerprint
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    params = dict(model.named_parameters())
+    before = state_fingerprint(model, params)
+    model[1].num_batches_tracked += 1
+    assert state_fingerprint(model, params) == before
+    with torch.no_grad():
+        model[1].running_mean += 1
+    assert state_fingerprint(model, params) != before
