@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -50,7 +52,19 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters of glibc's malloc.h
 _MMAP_CEILING = 32 << 20  # the largest mmap threshold glibc's adaptive rule sets on 64-bit systems
-_retaining = [False]  # whether a retained_heap is open (an inner one leaves the outer's settings alone)
+_MALLOC_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")  # a user's own choice
+
+
+class _HeapScope:
+    """The open :func:`retained_heap` scopes of the process, over all threads: the thresholds change when
+    the first opens and are put back when the last closes, under one lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = 0
+
+
+_heap_scope = _HeapScope()
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,6 +80,11 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def _malloc_chosen_by_user() -> bool:
+    """Whether the environment set glibc's malloc thresholds, which :func:`retained_heap` then leaves alone."""
+    return any(name in os.environ for name in _MALLOC_SETTINGS) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+
+
 @contextlib.contextmanager
 def retained_heap(device: torch.device) -> Iterator[None]:
     """Keep freed memory in the process while featurizing on the CPU under glibc.
@@ -73,22 +92,28 @@ def retained_heap(device: torch.device) -> Iterator[None]:
     glibc hands freed blocks of a few MB back to the operating system whenever the top of its heap
     holds more than its trim threshold, so every batch's C backward passes may fault the same pages in
     again (seen: 30,000–130,000 page faults and 10–20% of the time for 1,500 digits, in some processes
-    and not others). Meanwhile nothing is handed back; afterwards the free memory is handed back
-    (``malloc_trim``), and the thresholds stay where glibc's adaptive rule itself ends (mmap above
-    32 MiB, trim above 64 MiB), since glibc cannot be told to adapt again."""
-    libc = _glibc() if device.type == "cpu" else None
-    if libc is None or _retaining[0]:
+    and not others). Meanwhile nothing is handed back; when the last scope of the process closes (any
+    thread's, an exception's too), the free memory is handed back (``malloc_trim``) and the trim
+    threshold goes back to where glibc's adaptive rule itself ends (mmap above 32 MiB, trim above
+    64 MiB): glibc can neither report its thresholds nor be told to adapt again. Thresholds set in the
+    environment (``MALLOC_*_``, ``GLIBC_TUNABLES``) are the user's and are never changed."""
+    libc = _glibc() if device.type == "cpu" and not _malloc_chosen_by_user() else None
+    if libc is None:
         yield
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_CEILING)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # an int: the largest it takes
-    _retaining[0] = True
+    with _heap_scope.lock:
+        _heap_scope.open += 1
+        if _heap_scope.open == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_CEILING)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # an int: the largest it takes
     try:
         yield
     finally:
-        _retaining[0] = False
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_CEILING)
-        libc.malloc_trim(0)
+        with _heap_scope.lock:
+            _heap_scope.open -= 1
+            if _heap_scope.open == 0:
+                libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_CEILING)
+                libc.malloc_trim(0)
 
 
 def stream_batches(
