@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
+from .config import ProjectionConfig, SubsetConfig
 from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, non_finite_raises, state_fingerprint
 from .layers import CONV_TYPES, LayerGradients
 from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector, bfloat16_products
@@ -121,7 +122,7 @@ def stream_batches(
     data: Any,
     featurize_batch: Callable[[Any], Any],
     task: Task | None = None,
-    batch_size: int = 64,
+    batch_size: int = SubsetConfig.batch_size,
     progress: bool | str = False,
 ) -> Iterator[Any]:
     """Yield ``featurize_batch`` of the model inputs of every non-empty batch of ``data``, moved to the
@@ -154,7 +155,7 @@ def stream_features(
     data: Any,
     featurize_batch: Callable[[Any], torch.Tensor | tuple[torch.Tensor, ...]],
     task: Task | None = None,
-    batch_size: int = 64,
+    batch_size: int = SubsetConfig.batch_size,
     progress: bool | str = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Apply ``featurize_batch`` to the model inputs of every batch of ``data`` and concatenate the
@@ -191,15 +192,15 @@ class Featurizer:
         self,
         model: nn.Module,
         kind: str = "trntk",
-        projection_dim: int = 1024,
-        projector: str = "rademacher",
-        seed: int = 0,
+        projection_dim: int = ProjectionConfig.dim,
+        projector: str = ProjectionConfig.projector,
+        seed: int = ProjectionConfig.seed,
         params: ParamSelection = None,
         task: Task | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         chunk_size: int | None = None,
         dtype: torch.dtype | None = None,
-        product_precision: str = "auto",
+        product_precision: str = ProjectionConfig.product_precision,
     ):
         self.kernel = projected(kind)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -264,7 +265,7 @@ class Featurizer:
             raise NonFiniteGradientError("The projected features hold NaN or inf: check the inputs for NaN/inf.")
         return (features[:, 0] if self.summed else features), logits
 
-    def __call__(self, data: Any, batch_size: int = 64, progress: bool | str = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, data: Any, batch_size: int = SubsetConfig.batch_size, progress: bool | str = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Features of ``data`` on the CPU (and its logits, ``with_logits``)."""
         featurize_batch = functools.partial(self.featurize_batch, with_logits=with_logits)
         return stream_features(self.model, data, featurize_batch, self.task, batch_size, progress)
@@ -274,13 +275,13 @@ def project_features(
     model: nn.Module,
     data: Any,
     kind: str = "trntk",
-    projection_dim: int = 1024,
-    projector: str = "rademacher",
-    seed: int = 0,
+    projection_dim: int = ProjectionConfig.dim,
+    projector: str = ProjectionConfig.projector,
+    seed: int = ProjectionConfig.seed,
     *,
     params: ParamSelection = None,
     task: Task | None = None,
-    batch_size: int = 64,
+    batch_size: int = SubsetConfig.batch_size,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool | str = False,
     dtype: torch.dtype | None = None,
@@ -302,7 +303,7 @@ def gradient_features(
     *,
     params: ParamSelection = None,
     task: Task | None = None,
-    batch_size: int = 64,
+    batch_size: int = SubsetConfig.batch_size,
 ) -> torch.Tensor:
     """Exact (unprojected) gradients: ``[N, C, P]`` for trntk/trntk0/entk, ``[N, P]`` for pntk."""
     kernel = get_kernel(kind)
@@ -338,7 +339,7 @@ def embedding_features(
     layers: Sequence[str] | None = None,
     *,
     task: Task | None = None,
-    batch_size: int = 64,
+    batch_size: int = SubsetConfig.batch_size,
 ) -> torch.Tensor:
     """Layer-output features ``[N, D]`` for the embedding baselines.
 
