@@ -204,14 +204,21 @@ def log_checkpoint_media(
     run.log(dict(media, epoch=row.epoch, **{"trainer/global_step": row.step}))
 
 
+def agg_figure(**options: Any) -> Any:
+    """A matplotlib ``Figure`` drawn by its own Agg canvas, without pyplot: the user's plotting backend
+    and pyplot's open figures stay as they are, and nothing needs closing."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**options)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def history_figure(history: Sequence[Any], title: str = "NTK surrogate fidelity across training") -> Any:
     """The fidelity history as a matplotlib figure (Kendall-τ and the accuracies against the epoch)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = agg_figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     epochs = [row.epoch for row in history]
     for metric in HISTORY_PLOT_METRICS:
         ax.plot(epochs, [getattr(row, metric) for row in history], marker="o", label=metric)
@@ -243,9 +250,6 @@ def log_history_plots(loggers: Sequence[Any], history: Sequence[Any], prefix: st
             path = os.path.join(logger.log_dir, prefix.strip("/").replace("/", "_") + "_fidelity_history.png")
             fig.savefig(path, dpi=100)
             written.append(path)
-        from matplotlib import pyplot as plt
-
-        plt.close(fig)
     return written
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -20,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
+from .config import ProjectionConfig, SubsetConfig
 from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, non_finite_raises, state_fingerprint
 from .layers import CONV_TYPES, LayerGradients
 from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector, bfloat16_products
@@ -50,7 +53,19 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters of glibc's malloc.h
 _MMAP_CEILING = 32 << 20  # the largest mmap threshold glibc's adaptive rule sets on 64-bit systems
-_retaining = [False]  # whether a retained_heap is open (an inner one leaves the outer's settings alone)
+_MALLOC_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")  # a user's own choice
+
+
+class _HeapScope:
+    """The open :func:`retained_heap` scopes of the process, over all threads: the thresholds change when
+    the first opens and are put back when the last closes, under one lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = 0
+
+
+_heap_scope = _HeapScope()
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,6 +81,11 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def _malloc_chosen_by_user() -> bool:
+    """Whether the environment set glibc's malloc thresholds, which :func:`retained_heap` then leaves alone."""
+    return any(name in os.environ for name in _MALLOC_SETTINGS) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+
+
 @contextlib.contextmanager
 def retained_heap(device: torch.device) -> Iterator[None]:
     """Keep freed memory in the process while featurizing on the CPU under glibc.
@@ -73,22 +93,28 @@ def retained_heap(device: torch.device) -> Iterator[None]:
     glibc hands freed blocks of a few MB back to the operating system whenever the top of its heap
     holds more than its trim threshold, so every batch's C backward passes may fault the same pages in
     again (seen: 30,000–130,000 page faults and 10–20% of the time for 1,500 digits, in some processes
-    and not others). Meanwhile nothing is handed back; afterwards the free memory is handed back
-    (``malloc_trim``), and the thresholds stay where glibc's adaptive rule itself ends (mmap above
-    32 MiB, trim above 64 MiB), since glibc cannot be told to adapt again."""
-    libc = _glibc() if device.type == "cpu" else None
-    if libc is None or _retaining[0]:
+    and not others). Meanwhile nothing is handed back; when the last scope of the process closes (any
+    thread's, an exception's too), the free memory is handed back (``malloc_trim``) and the trim
+    threshold goes back to where glibc's adaptive rule itself ends (mmap above 32 MiB, trim above
+    64 MiB): glibc can neither report its thresholds nor be told to adapt again. Thresholds set in the
+    environment (``MALLOC_*_``, ``GLIBC_TUNABLES``) are the user's and are never changed."""
+    libc = _glibc() if device.type == "cpu" and not _malloc_chosen_by_user() else None
+    if libc is None:
         yield
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_CEILING)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # an int: the largest it takes
-    _retaining[0] = True
+    with _heap_scope.lock:
+        _heap_scope.open += 1
+        if _heap_scope.open == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_CEILING)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # an int: the largest it takes
     try:
         yield
     finally:
-        _retaining[0] = False
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_CEILING)
-        libc.malloc_trim(0)
+        with _heap_scope.lock:
+            _heap_scope.open -= 1
+            if _heap_scope.open == 0:
+                libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_CEILING)
+                libc.malloc_trim(0)
 
 
 def stream_batches(
@@ -96,7 +122,7 @@ def stream_batches(
     data: Any,
     featurize_batch: Callable[[Any], Any],
     task: Task | None = None,
-    batch_size: int = 64,
+    batch_size: int = SubsetConfig.batch_size,
     progress: bool | str = False,
 ) -> Iterator[Any]:
     """Yield ``featurize_batch`` of the model inputs of every non-empty batch of ``data``, moved to the
@@ -129,7 +155,7 @@ def stream_features(
     data: Any,
     featurize_batch: Callable[[Any], torch.Tensor | tuple[torch.Tensor, ...]],
     task: Task | None = None,
-    batch_size: int = 64,
+    batch_size: int = SubsetConfig.batch_size,
     progress: bool | str = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Apply ``featurize_batch`` to the model inputs of every batch of ``data`` and concatenate the
@@ -166,15 +192,15 @@ class Featurizer:
         self,
         model: nn.Module,
         kind: str = "trntk",
-        projection_dim: int = 1024,
-        projector: str = "rademacher",
-        seed: int = 0,
+        projection_dim: int = ProjectionConfig.dim,
+        projector: str = ProjectionConfig.projector,
+        seed: int = ProjectionConfig.seed,
         params: ParamSelection = None,
         task: Task | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         chunk_size: int | None = None,
         dtype: torch.dtype | None = None,
-        product_precision: str = "auto",
+        product_precision: str = ProjectionConfig.product_precision,
     ):
         self.kernel = projected(kind)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -239,7 +265,7 @@ class Featurizer:
             raise NonFiniteGradientError("The projected features hold NaN or inf: check the inputs for NaN/inf.")
         return (features[:, 0] if self.summed else features), logits
 
-    def __call__(self, data: Any, batch_size: int = 64, progress: bool | str = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, data: Any, batch_size: int = SubsetConfig.batch_size, progress: bool | str = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Features of ``data`` on the CPU (and its logits, ``with_logits``)."""
         featurize_batch = functools.partial(self.featurize_batch, with_logits=with_logits)
         return stream_features(self.model, data, featurize_batch, self.task, batch_size, progress)
@@ -249,13 +275,13 @@ def project_features(
     model: nn.Module,
     data: Any,
     kind: str = "trntk",
-    projection_dim: int = 1024,
-    projector: str = "rademacher",
-    seed: int = 0,
+    projection_dim: int = ProjectionConfig.dim,
+    projector: str = ProjectionConfig.projector,
+    seed: int = ProjectionConfig.seed,
     *,
     params: ParamSelection = None,
     task: Task | None = None,
-    batch_size: int = 64,
+    batch_size: int = SubsetConfig.batch_size,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool | str = False,
     dtype: torch.dtype | None = None,
@@ -277,7 +303,7 @@ def gradient_features(
     *,
     params: ParamSelection = None,
     task: Task | None = None,
-    batch_size: int = 64,
+    batch_size: int = SubsetConfig.batch_size,
 ) -> torch.Tensor:
     """Exact (unprojected) gradients: ``[N, C, P]`` for trntk/trntk0/entk, ``[N, P]`` for pntk."""
     kernel = get_kernel(kind)
@@ -313,7 +339,7 @@ def embedding_features(
     layers: Sequence[str] | None = None,
     *,
     task: Task | None = None,
-    batch_size: int = 64,
+    batch_size: int = SubsetConfig.batch_size,
 ) -> torch.Tensor:
     """Layer-output features ``[N, D]`` for the embedding baselines.
 

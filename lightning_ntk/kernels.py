@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import ProjectionConfig, SubsetConfig
 from .featurize import embedding_features, gradient_features, stream_batches
 from .jacobian import ParamSelection
 from .layers import LayerGradients, gram_factors, signal_gram
@@ -98,14 +99,15 @@ def kernel_blocks(
     features_b: Any = None,
     normalize: bool = True,
     block_size: int = DEFAULT_BLOCK_SIZE,
-    product_precision: str = "float32",
+    product_precision: str = ProjectionConfig.product_precision,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, κ(A[rows], B))`` blocks of ``block_size`` rows of A against all of B.
 
     Features may be tensors or numpy arrays (memmaps included); only one block of A is in memory at a
     time (B is read whole). ``product_precision``: ``"auto"`` multiplies float32 features with bfloat16
     inputs and float32 sums on CPUs with bfloat16 matrix units (AMX), which suits projected features,
-    whose own error is far larger; ``"float32"`` (the default) never does.
+    whose own error is far larger (the default, :class:`~lightning_ntk.config.ProjectionConfig`'s);
+    ``"float32"`` never does (exact kernels use it).
     """
     _check_features(features_a, "features_a")
     features_b = features_a if features_b is None else features_b
@@ -127,7 +129,7 @@ def kernel_blocks(
 
 
 def kernel_from_features(
-    features_a: Any, features_b: Any = None, normalize: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, product_precision: str = "float32"
+    features_a: Any, features_b: Any = None, normalize: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, product_precision: str = ProjectionConfig.product_precision
 ) -> torch.Tensor:
     """``κ(A, B)`` as an ``[Na, Nb]`` matrix (``B = A`` when omitted).
 
@@ -165,7 +167,7 @@ def exact_kernel(
     params: ParamSelection = None,
     layers: Sequence[str] | None = None,
     task: Task | None = None,
-    batch_size: int = 64,
+    batch_size: int = SubsetConfig.batch_size,
     method: str = "auto",
 ) -> torch.Tensor:
     """The exact kernel between two sets of inputs (tensors or DataLoaders): ``[Na, Nb]``, or
@@ -193,7 +195,7 @@ def exact_kernel(
     features_b = None if inputs_b is None else featurize(inputs_b)
     if not kernel.scalar:
         return entk_from_features(features_a, features_b)
-    return kernel_from_features(features_a, features_b, normalize=kernel.normalized)
+    return kernel_from_features(features_a, features_b, normalize=kernel.normalized, product_precision="float32")  # exact: no rounding
 
 
 def factored_kernel(
@@ -204,7 +206,7 @@ def factored_kernel(
     *,
     params: ParamSelection = None,
     task: Task | None = None,
-    batch_size: int = 64,
+    batch_size: int = SubsetConfig.batch_size,
 ) -> torch.Tensor:
     """The exact trNTK (``trntk``), trNTK⁰ (``trntk0``) or pNTK (``pntk``), ``[Na, Nb]``, from per-layer
     signals (:class:`~lightning_ntk.layers.LayerGradients`): ``Σ_c (δ_c·δ'_c)(a·a')`` for linear

@@ -72,6 +72,9 @@ class Block:
     shapes: tuple[torch.Size, ...] = ()
     module: nn.Module | None = field(default=None, compare=False, repr=False)
     transposed: bool = False
+    # a convolution's patch indices by input shape, columns and device: they live as long as the block's
+    # LayerGradients (the featurizer), not the process
+    patch_indices: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -256,7 +259,6 @@ def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list
 # -- layer inputs and output gradients -------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=256)
 def _patch_index(shape: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...], groups: int,
                  with_weight: bool, with_bias: bool, device: torch.device) -> torch.Tensor:
     """``[T, groups, cols]``: where each entry of a convolution's input patches lies in one example's
@@ -280,9 +282,10 @@ def _patch_index(shape: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[
     return index.to(device)
 
 
-def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: bool, order: torch.Tensor | None = None) -> torch.Tensor:
+def _patches(blk: Block, x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
     """The inputs ``a`` of a Linear/ConvNd layer: ``[B, T, groups, cols]``, the bias column (ones) last,
     or the columns in ``order`` if given; a convolution's are gathered from its input at once."""
+    module, with_weight, with_bias = blk.module, any(n.endswith("weight") for n in blk.params), blk.params[-1].endswith("bias")
     b = x.shape[0]
     if not isinstance(module, CONV_TYPES):  # Linear, Conv1D, an attention's in-projection (3 groups)
         source = x.reshape(b, -1, 3 if isinstance(module, _PackedProjection) and x.dim() == 4 else 1, x.shape[-1])
@@ -295,7 +298,10 @@ def _patches(module: nn.Module, x: torch.Tensor, with_weight: bool, with_bias: b
     source = x.reshape(b, -1)
     if with_bias:
         source = torch.cat([source, source.new_ones(b, 1)], 1)
-    index = _patch_index(tuple(x.shape[1:]), module.kernel_size, module.stride, module.dilation, module.groups, with_weight, with_bias, x.device)
+    key = (tuple(x.shape[1:]), with_weight, with_bias, x.device)
+    if key not in blk.patch_indices:
+        blk.patch_indices[key] = _patch_index(key[0], module.kernel_size, module.stride, module.dilation, module.groups, with_weight, with_bias, x.device)
+    index = blk.patch_indices[key]
     if order is not None:
         index = index[..., order]
     return source.index_select(1, index.flatten()).view(b, *index.shape)
@@ -321,7 +327,7 @@ def _layer_inputs(blk: Block, x: torch.Tensor, order: torch.Tensor | None = None
     """The input side of one call of a block, from the module's input, as :class:`LayerSignals` lays it out
     (an ``outer`` block's columns in ``order``, if given)."""
     if blk.kind == "outer":
-        return _patches(blk.module, x, any(n.endswith("weight") for n in blk.params), blk.params[-1].endswith("bias"), order)
+        return _patches(blk, x, order)
     if blk.kind == "scale":
         return _normalised(blk.module, x)
     return x.reshape(x.shape[0], -1)  # embedding: the token ids

@@ -1,5 +1,6 @@
-"""How faithfully a surrogate reproduces a network: Kendall-τ, accuracy differential, agreement and
-the overlap of their mistakes, as ``torchmetrics.Metric`` subclasses that reduce correctly under DDP.
+"""How faithfully a surrogate reproduces a network: Kendall-τ (:class:`KendallTau`) and, with it, the
+accuracy differential, agreement and the overlap of their mistakes (:class:`SurrogateFidelity`), as
+``torchmetrics.Metric`` subclasses that reduce correctly under DDP.
 
 Scores are kept as cat-states (gathered across ranks) because τ is not a sum over examples; the
 counts behind the accuracies are sum-states.
@@ -228,47 +229,6 @@ def _count_figures(metric: Metric) -> dict[str, torch.Tensor]:
         "miss_overlap": torch.tensor(both / either if either else math.nan, dtype=torch.float64),
         "miss_overlap_p": torch.tensor(binomial_survival(both, total, shared_miss_rate), dtype=torch.float64),
     }
-
-
-class _PredictionCounts(Metric):
-    """Sum-states counting correct, agreeing and jointly missed predictions of the two models."""
-
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        _add_count_states(self)
-
-    def update(self, network_logits: torch.Tensor, surrogate_logits: torch.Tensor, labels: torch.Tensor) -> None:
-        _check_inputs(network_logits, surrogate_logits, labels)
-        _update_counts(self, network_logits, surrogate_logits, labels)
-
-
-class TestAccuracyDifferential(_PredictionCounts):
-    """TAD: surrogate accuracy − network accuracy (a fraction; 0 is a perfect match)."""
-
-    __test__ = False  # not a pytest test class despite its name
-
-    def compute(self) -> torch.Tensor:
-        return _count_figures(self)["tad"]
-
-
-class PredictionAgreement(_PredictionCounts):
-    """Fraction of examples where the network and the surrogate predict the same class."""
-
-    higher_is_better = True
-
-    def compute(self) -> torch.Tensor:
-        return _count_figures(self)["agreement"]
-
-
-class MisclassificationOverlap(_PredictionCounts):
-    """``{"miss_overlap", "miss_overlap_p"}``: the Jaccard overlap of the two models' misses and its
-    binomial null p-value (see :class:`SurrogateFidelity`)."""
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        figures = _count_figures(self)
-        return {key: figures[key] for key in ("miss_overlap", "miss_overlap_p")}
 
 
 class SurrogateFidelity(KendallTau):

@@ -29,7 +29,6 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
-from . import __version__
 from .attribution import Attribution, attribute, suspicious
 from .checks import check_count
 from .config import ProjectionConfig, SubsetConfig, SurrogateConfig, refuse_moved_options
@@ -42,6 +41,7 @@ from .registry import Kernel, get_kernel
 from .store import FeatureStore, request_digest
 from .surrogate import KernelSurrogate, check_several_classes, fit_from_features, fit_from_kernel
 from .task import Task, batch_size_of, differentiable, move_inputs
+from .version import __version__
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GRADIENT_FAMILIES = ("trntk", "pntk", "entk")
-EMBEDDING_FAMILIES = ("em", "ck")
 
 
 @dataclass(frozen=True)

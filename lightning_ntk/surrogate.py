@@ -638,11 +638,6 @@ class KernelSurrogate(L.LightningModule):
         folded = self.shard.all_reduce(self.train_features.T @ self.weight[:, self.shard.rows.to(self.weight.device)].T)
         return unit_query.to(self.weight.dtype) @ folded + self.bias
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The training objective: mean (class-weighted for ``ovr``) cross-entropy plus ``penalty/2·‖W‖²``."""
-        value, _ = self._cross_entropy(labels)(logits.double())
-        return value.to(logits.dtype) + 0.5 * self.penalty * self.weight.pow(2).sum()
-
     # -- Lightning ---------------------------------------------------------------------------------
     def _batch_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.train_features is not None:

@@ -20,7 +20,7 @@ def setup(outputs=3, n=70, dim=128, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     x_train, x_test = torch.randn(n, 6, generator=g, dtype=dtype), torch.randn(9, 6, generator=g, dtype=dtype)
     y = torch.randint(0, max(outputs, 2), (n,), generator=g)
-    train, test = ln.project_features(model, x_train, projection_dim=dim), ln.project_features(model, x_test, projection_dim=dim)
+    train, test = ln.project_features(model, x_train, projection_dim=dim, projector="rademacher"), ln.project_features(model, x_test, projection_dim=dim, projector="rademacher")
     return train, test, y
 
 

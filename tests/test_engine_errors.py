@@ -12,7 +12,7 @@ import lightning_ntk as ln
 def test_output_that_is_not_logits():
     model = nn.Sequential(nn.Linear(4, 3), nn.Flatten(0))  # returns [B*3]
     with pytest.raises(ValueError, match=r"logits of shape \[batch, classes\]"):
-        ln.project_features(model, torch.randn(5, 4), projection_dim=8)
+        ln.project_features(model, torch.randn(5, 4), projection_dim=8, projector="rademacher")
     with pytest.raises(ValueError, match=r"\[batch, classes\]"):
         ln.exact_kernel(model, torch.randn(5, 4))
     with pytest.raises(ValueError, match=r"\[batch, classes\]"):
@@ -35,7 +35,7 @@ def test_output_without_logits_names_where_to_find_them():
 @pytest.mark.parametrize("k", [0, -5, 2.5])
 def test_bad_projection_dim(k):
     with pytest.raises(ValueError, match="projection_dim must be a positive integer"):
-        ln.project_features(mlp(), torch.randn(3, 6), projection_dim=k)
+        ln.project_features(mlp(), torch.randn(3, 6), projection_dim=k, projector="rademacher")
 
 
 def test_parameter_selection_matching_nothing():
@@ -50,12 +50,12 @@ def test_non_finite_gradient_names_the_parameter():
     with torch.no_grad():
         model[2].weight[0, 0] = float("inf")
     with pytest.raises(ln.NonFiniteGradientError, match="parameter '(0|2|4)\\.(weight|bias)'"):
-        ln.project_features(model, torch.randn(3, 6), projection_dim=8)
+        ln.project_features(model, torch.randn(3, 6), projection_dim=8, projector="rademacher")
 
 
 def test_empty_data():
     with pytest.raises(ValueError, match="holds no examples"):
-        ln.project_features(mlp(), torch.randn(0, 6), projection_dim=8)
+        ln.project_features(mlp(), torch.randn(0, 6), projection_dim=8, projector="rademacher")
     empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(0, 6), torch.zeros(0)), batch_size=4)
     with pytest.raises(ValueError, match="holds no examples"):
         ln.exact_kernel(mlp(), empty)

@@ -100,7 +100,7 @@ def test_kernel_blocks_cover_the_full_kernel():
 def test_kernel_products_in_bfloat16_stay_a_faithful_gram_matrix():
     """With bfloat16 inputs and float32 sums (where the CPU has the units for them), the kernel is the Gram
     matrix of the rounded features: symmetric, positive semi-definite, within 1e-3 of float32's; the
-    library's matmul setting is back as it was afterwards, and float32 (the default) is float32."""
+    library's matmul setting is back as it was afterwards, and float32 is float32."""
     from lightning_ntk.projection import has_bfloat16_matrix_units
 
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def test_kernel_products_in_bfloat16_stay_a_faithful_gram_matrix():
     torch.testing.assert_close(rows, fast[:50], rtol=0, atol=1e-6)
     assert (fast.double() - exact).abs().max() < 1e-3
     assert torch.linalg.eigvalsh(fast.double()).min() > -1e-5
-    plain = ln.kernel_from_features(features)
+    plain = ln.kernel_from_features(features, product_precision="float32")
     assert (plain.double() - exact).abs().max() < 1e-5
     if has_bfloat16_matrix_units() and before is not None:
         assert (fast - plain).abs().max() > 1e-5  # the rounding shows: the products did run in bfloat16

@@ -1,10 +1,13 @@
 """Projected kernels: error shrinking like 1/sqrt(K), unbiasedness and seed determinism."""
 
+import inspect
+
 import pytest
 import torch
 from models import mlp
 
 import lightning_ntk as ln
+from lightning_ntk import featurize
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +49,12 @@ def test_unnormalised_projected_kernel_is_unbiased(setup, projector):
 
 def test_same_seed_same_features_whatever_the_batch_size(setup):
     model, x, _ = setup
-    a = ln.project_features(model, x, projection_dim=300, seed=7, batch_size=16)
-    b = ln.project_features(model, x, projection_dim=300, seed=7, batch_size=5)
-    c = ln.project_features(model, x, projection_dim=300, seed=7, batch_size=1, memory_budget=0)
+    a = ln.project_features(model, x, projection_dim=300, projector="rademacher", seed=7, batch_size=16)
+    b = ln.project_features(model, x, projection_dim=300, projector="rademacher", seed=7, batch_size=5)
+    c = ln.project_features(model, x, projection_dim=300, projector="rademacher", seed=7, batch_size=1, memory_budget=0)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
-    d = ln.project_features(model, x, projection_dim=300, seed=8)
+    d = ln.project_features(model, x, projection_dim=300, projector="rademacher", seed=8)
     assert (a - d).abs().max() > 1e-3
 
 
@@ -71,4 +74,18 @@ def test_pntk_features_shape_and_kernel(setup):
     assert f.shape == (16, 4096)
     exact = ln.exact_kernel(model, x, kind="pntk")
     assert (ln.kernel_from_features(f) - exact).abs().mean() < 0.03
-    assert ln.project_features(model, x, projection_dim=32).shape == (16, 3, 32)
+    assert ln.project_features(model, x, projection_dim=32, projector="rademacher").shape == (16, 3, 32)
+
+
+def test_standalone_functions_take_their_defaults_from_the_configs():
+    """A standalone user gets what the callback gets: the sketch at the config's K, seed and product
+    precision, in batches of the config's size."""
+    projection, subsets = ln.ProjectionConfig(), ln.SubsetConfig()
+    spec = ln.Featurizer(mlp()).spec()
+    assert (spec.projector, spec.projection_dim, spec.seed) == (projection.projector, projection.dim, projection.seed)
+    functions = [ln.Featurizer, ln.Featurizer.__call__, ln.project_features, ln.gradient_features, ln.embedding_features,
+                 ln.exact_kernel, ln.factored_kernel, ln.kernel_from_features, ln.kernel_blocks, featurize.stream_features]
+    defaults = {name: {p.default for f in functions if (p := inspect.signature(f).parameters.get(name))} for name in
+                ("projector", "projection_dim", "seed", "product_precision", "batch_size")}
+    assert defaults == {"projector": {projection.projector}, "projection_dim": {projection.dim}, "seed": {projection.seed},
+                        "product_precision": {projection.product_precision}, "batch_size": {subsets.batch_size}}

@@ -483,8 +483,8 @@ def test_featurization_keeps_freed_memory_in_the_process():
 
     seen = []
     model = mlp()
-    features = featurize.stream_features(model, torch.randn(6, 4), lambda x: seen.append(featurize._retaining[0]) or x)
-    assert seen == [True] and features.shape == (6, 4) and not featurize._retaining[0]
+    features = featurize.stream_features(model, torch.randn(6, 4), lambda x: seen.append(featurize._heap_scope.open) or x)
+    assert seen == [1] and features.shape == (6, 4) and featurize._heap_scope.open == 0
     with featurize.retained_heap(torch.device("cpu")):
         assert faults_of_refilling() < 1000  # 100 MB are 25,600 pages
 

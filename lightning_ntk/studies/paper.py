@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..callback import NTKAttributionCallback
-from ..dashboards import wandb_mode
+from ..dashboards import agg_figure, wandb_mode
 from ..demos import Classifier, binary_cnn, binary_mlp, digits_cnn, load_digits_tensors, load_torchvision_pair
 from ..demos.text import TextClassifier, size_order_tensors, size_order_tokenizer, small_bert
 from ..featurize import project_features
@@ -248,14 +248,10 @@ def run_seed(setup_key: str, seed: int, kernels: Sequence[KernelChoice], track_e
 
 def plot_report(summary, residuals_by_setup, history, out_dir: Path) -> list[Path]:
     """Three PNGs: fidelity per kernel, residual vs K, and fidelity across training epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = []
     setups = sorted({e["setup"] for e in summary})
-    fig, axes = plt.subplots(len(setups), 2, figsize=(12, 3.6 * len(setups)), squeeze=False)
+    fig = agg_figure(figsize=(12, 3.6 * len(setups)))
+    axes = fig.subplots(len(setups), 2, squeeze=False)
     for row, setup in enumerate(setups):
         entries = [e for e in summary if e["setup"] == setup]
         labels = [e["kernel"] for e in entries]
@@ -270,10 +266,10 @@ def plot_report(summary, residuals_by_setup, history, out_dir: Path) -> list[Pat
     fig.tight_layout()
     paths.append(out_dir / "fidelity_per_kernel.png")
     fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
 
     if any(residuals_by_setup.values()):
-        fig, axes = plt.subplots(1, len(residuals_by_setup), figsize=(5 * len(residuals_by_setup), 3.6), squeeze=False)
+        fig = agg_figure(figsize=(5 * len(residuals_by_setup), 3.6))
+        axes = fig.subplots(1, len(residuals_by_setup), squeeze=False)
         for ax, (setup, residuals) in zip(axes[0], residuals_by_setup.items()):
             labels = list(residuals)
             ax.boxplot([residuals[k] for k in labels], whis=(5, 95), showfliers=False)
@@ -285,10 +281,10 @@ def plot_report(summary, residuals_by_setup, history, out_dir: Path) -> list[Pat
         fig.tight_layout()
         paths.append(out_dir / "residual_vs_k.png")
         fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
 
     if history:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig = agg_figure(figsize=(6, 3.6))
+        ax = fig.subplots()
         for setup in sorted({h["setup"] for h in history}):
             epochs = sorted({h["epoch"] for h in history if h["setup"] == setup})
             stats = [mean_and_standard_error([h["kendall_tau"] for h in history if h["setup"] == setup and h["epoch"] == e]) for e in epochs]
@@ -301,7 +297,6 @@ def plot_report(summary, residuals_by_setup, history, out_dir: Path) -> list[Pat
         fig.tight_layout()
         paths.append(out_dir / "fidelity_across_epochs.png")
         fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
     return paths
 
 
