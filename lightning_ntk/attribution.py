@@ -78,7 +78,7 @@ def _column_blocks(
         if query is None:
             block = torch.as_tensor(query_kernel[:, columns])
         else:
-            block = query @ surrogate.train_features[columns].T
+            block = query @ surrogate.feature_rows[columns].T
         yield columns, block.double()
 
 
