@@ -42,3 +42,9 @@ def test_attribution_quality_runs_and_prints_its_tables():
                 "TRAK, the same 4 checkpoints, λ tuned", "cost: attributing the 40 queries", "surrogate's loss on the example"):
         assert row in out, out[-2000:]
     assert re.search(r"\| library influence, final model \(surrogate's Kendall-τ [0-9.]+\) \| -?[0-9.]+ ± [0-9.]+ \| [0-9.]+ \|", out), out[-2000:]
+
+
+@pytest.mark.slow
+def test_scale_runs_and_prints_its_table():
+    out = run_script("benchmarks/scale.py", "--quick")
+    assert re.search(r"\| 300 \| 1 \| [0-9,]+ \| [0-9.]+ \| [0-9.]+ \(\d+, \d+; (N×N kernel|blocks)", out), out[-2000:]
