@@ -135,7 +135,7 @@ def main() -> None:
         done = subprocess.run([sys.executable, __file__, "--one", str(size), "--memory-budget", str(args.memory_budget)],
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"measured {size:,} reference examples", file=sys.stderr, flush=True)
+        print(f"measured {size:,} reference examples: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         sharded = run_sharded(size)  # 2-rank rows: fill in run_sharded
         if sharded is not None:
             rows.append(sharded)
