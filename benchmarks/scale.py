@@ -68,8 +68,10 @@ class Stage:
 def measure(size: int, memory_budget: int, folder: Path) -> dict:
     """One reference size, in this process."""
     torch.set_num_threads(2)
-    copies = math.ceil(size / 1437)
+    copies = math.ceil(size / len(digits_28(1)[0]))
     x_train, y_train, x_test, y_test = digits_28(copies)
+    if len(x_train) < size:
+        raise RuntimeError(f"{copies} copies of the digits hold {len(x_train)} examples, fewer than {size}")
     x_query = torch.cat([x_test, x_test.flip(3)])[: 2 * QUERIES]  # the first 500 are scored, the next 500 attributed
     y_query = torch.cat([y_test, y_test])[: 2 * QUERIES]
     model = train(cnn(), x_train[:1437], y_train[:1437], epochs=1)
