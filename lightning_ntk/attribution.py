@@ -97,7 +97,7 @@ def _column_blocks(
         if query is None:
             block = torch.as_tensor(query_kernel[:, columns])
         else:
-            block = query @ surrogate.train_features[here].T
+            block = query @ surrogate.feature_rows[here].T
         yield columns, block.double()
 
 

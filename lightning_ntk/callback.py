@@ -495,7 +495,7 @@ class NTKAttributionCallback(L.Callback):
         per_rank = -(-n // world)
         filler = positions[-1:] if len(positions) else torch.zeros(1, dtype=torch.long)
         positions = torch.cat([positions, filler.repeat(per_rank - len(positions))])
-        progress = f"NTK features ({examples.name})" if trainer.progress_bar_callback is not None and trainer.is_global_zero else False
+        progress = _progress_label(trainer, examples.name)
         local = self.pipeline.features(examples.loader(positions, self.subsets.batch_size), progress=progress, with_logits=with_logits,
                                        name=f"{examples.name}_features")
         parts = local if with_logits else (local,)
@@ -520,7 +520,21 @@ class NTKAttributionCallback(L.Callback):
             stored: dict[str, Any] = {}  # rank 0 only: the checkpoint's arrays, as memory maps of the store
             reused = _on_rank_zero(trainer, lambda: stored.update(self._load(name, request) or {}) or bool(stored))
             seconds = 0.0
-            if not reused:
+            info = {"epoch": epoch, "step": trainer.global_step, "run": self._run}
+
+            def retain() -> None:
+                if isinstance(self.store_config.keep_last, int):
+                    self._store.retain(self.store_config.keep_last, prefix="epoch=", info={"run": self._run})
+                self._written[epoch] = name
+
+            if not reused and trainer.world_size == 1:  # one process: the features go to the store as they are computed
+                started = time.perf_counter()
+                with _store_options_named(), self._store.writer(name, request, info, overwrite=self.store_config.overwrite) as writer:
+                    pipeline.write_features(writer, self._reference, self._query, progress=lambda side: _progress_label(trainer, side))
+                    stored.update(writer.publish())
+                    retain()
+                seconds = time.perf_counter() - started
+            elif not reused:
                 started = time.perf_counter()
                 with retained_heap(pl_module.device):  # one heap for both sides
                     reference = self._gathered_features(trainer, self._reference)
@@ -529,12 +543,9 @@ class NTKAttributionCallback(L.Callback):
 
                 def save() -> None:
                     features = CheckpointFeatures(reference, self._reference.labels, self._reference.indices, query, self._query.labels, self._query.indices, logits)
-                    info = {"epoch": epoch, "step": trainer.global_step, "run": self._run}
                     with _store_options_named():
                         stored.update(self._store.save(name, request, features.arrays(), info, overwrite=self.store_config.overwrite))
-                        if isinstance(self.store_config.keep_last, int):
-                            self._store.retain(self.store_config.keep_last, prefix="epoch=", info={"run": self._run})
-                    self._written[epoch] = name
+                        retain()
 
                 _on_rank_zero(trainer, save)
             media: list[Any] = []
@@ -623,6 +634,11 @@ class CheckpointCost:
 
     def training_seconds(self) -> float:
         return time.perf_counter() - self.started - self.spent
+
+
+def _progress_label(trainer: L.Trainer, side: str) -> str | bool:
+    """The label of the featurization's progress bar for the ``side`` set, on rank 0 of a trainer that shows bars."""
+    return f"NTK features ({side})" if trainer.progress_bar_callback is not None and trainer.is_global_zero else False
 
 
 def _differing(saved: dict[str, Any], current: dict[str, Any]) -> str:

@@ -68,6 +68,43 @@ def _unit_flat(features: Any, normalize: bool) -> torch.Tensor:
     return unit_rows(flat) if normalize else flat
 
 
+class UnitRows:
+    """Features ``[N, C, K]`` / ``[N, K]`` (a tensor or an array, memmaps included) as flattened ``[N, C·K]`` rows,
+    each scaled to unit norm when ``normalize``, read ``block_size`` rows at a time: the rows of the cosine
+    kernel ``κ = Φ Φᵀ`` without a normalised copy of all of them (memory-mapped features stay on disk). The
+    row norms are computed in one pass, here. Rows come in float64 for float64 features, else float32, and
+    equal those of :func:`unit_rows` on the whole array."""
+
+    def __init__(self, features: Any, normalize: bool, block_size: int = DEFAULT_BLOCK_SIZE, device: str | torch.device = "cpu"):
+        self.features, self.normalize, self.block_size = features, normalize, block_size
+        self.dtype = torch.float64 if as_tensor(features[:0]).dtype == torch.float64 else torch.float32
+        self.shape = (features.shape[0], int(np.prod(features.shape[1:])))
+        self.device = torch.device(device)
+        self.norms = torch.cat([self._read(rows).norm(dim=1) for rows in self.blocks()])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def blocks(self) -> Iterator[slice]:
+        return (slice(start, min(start + self.block_size, self.shape[0])) for start in range(0, self.shape[0], self.block_size))
+
+    def _read(self, rows: slice) -> torch.Tensor:
+        block = as_tensor(self.features[rows])
+        return block.to(self.dtype).reshape(len(block), -1)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        block = self._read(rows)
+        if self.normalize:
+            block = block / self.norms[rows].clamp_min(torch.finfo(self.dtype).tiny).unsqueeze(1)
+        return block.to(self.device)
+
+    def to(self, device: str | torch.device) -> "UnitRows":
+        """The same rows, each block moved to ``device`` once read."""
+        moved = object.__new__(UnitRows)
+        moved.__dict__.update(self.__dict__, device=torch.device(device))
+        return moved
+
+
 @contextlib.contextmanager
 def _products_in(precision: str, values: torch.Tensor) -> Iterator[None]:
     """float32 matrix products on the CPU with bfloat16 inputs and float32 sums meanwhile (oneDNN), where
@@ -94,6 +131,16 @@ def _check_features(features: Any, name: str) -> None:
         raise ValueError(f"{name} holds no examples.")
 
 
+def _check_pair(features_a: Any, features_b: Any) -> None:
+    _check_features(features_a, "features_a")
+    _check_features(features_b, "features_b")
+    if features_a.shape[1:] != features_b.shape[1:]:
+        raise ValueError(
+            f"Cannot take a kernel between features of shapes {tuple(features_a.shape[1:])} and "
+            f"{tuple(features_b.shape[1:])} per example: both sides need the same kind, classes and projection_dim."
+        )
+
+
 def kernel_blocks(
     features_a: Any,
     features_b: Any = None,
@@ -109,14 +156,8 @@ def kernel_blocks(
     whose own error is far larger (the default, :class:`~lightning_ntk.config.ProjectionConfig`'s);
     ``"float32"`` never does (exact kernels use it).
     """
-    _check_features(features_a, "features_a")
     features_b = features_a if features_b is None else features_b
-    _check_features(features_b, "features_b")
-    if features_a.shape[1:] != features_b.shape[1:]:
-        raise ValueError(
-            f"Cannot take a kernel between features of shapes {tuple(features_a.shape[1:])} and "
-            f"{tuple(features_b.shape[1:])} per example: both sides need the same kind, classes and projection_dim."
-        )
+    _check_pair(features_a, features_b)
     b = _unit_flat(features_b, normalize)
     for start in range(0, features_a.shape[0], block_size):
         rows = slice(start, min(start + block_size, features_a.shape[0]))
@@ -136,10 +177,14 @@ def kernel_from_features(
     ``normalize=True`` gives the cosine-normalised kernel (trNTK, pNTK); ``False`` the raw one
     (trNTK⁰). For row blocks without the full matrix, use :func:`kernel_blocks`. ``κ(A, A)`` is
     symmetric: only the blocks on and below the diagonal are multiplied, the others mirrored (about half
-    the work). ``product_precision`` as in :func:`kernel_blocks`.
+    the work). ``B`` is read ``block_size`` rows at a time (see :class:`UnitRows`), ``A`` whole. ``product_precision`` as in :func:`kernel_blocks`.
     """
-    if features_b is not None:
-        return torch.cat([block for _, block in kernel_blocks(features_a, features_b, normalize, block_size, product_precision)])
+    if features_b is not None:  # B, the training side, is read block_size rows at a time
+        _check_pair(features_a, features_b)
+        b = UnitRows(features_b, normalize, block_size)
+        a = _unit_flat(features_a, normalize).to(b.dtype)
+        with _products_in(product_precision, a):
+            return torch.cat([a @ b[columns].T for columns in b.blocks()], 1)
     _check_features(features_a, "features_a")
     flat = _unit_flat(features_a, normalize)
     n = flat.shape[0]

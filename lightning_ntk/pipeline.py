@@ -14,6 +14,7 @@ only what a training run needs (sharding over ranks, logging).
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import hashlib
 import math
@@ -32,13 +33,13 @@ from torch.utils.data.dataloader import default_collate
 from .attribution import Attribution, attribute, suspicious
 from .checks import check_count
 from .config import ProjectionConfig, SubsetConfig, SurrogateConfig, refuse_moved_options
-from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, model_device_dtype, retained_heap, stream_features
+from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, model_device_dtype, retained_heap, stream_batches, stream_features
 from .jacobian import NonFiniteGradientError, check_logits, eval_mode, non_finite_rows_kept, select_parameters, state_fingerprint
-from .kernels import as_tensor, kernel_from_features
+from .kernels import DEFAULT_BLOCK_SIZE, as_tensor, kernel_from_features
 from .metrics import SurrogateFidelity, check_label_range, fidelity_scores
 from .projection import DEFAULT_MEMORY_BUDGET
 from .registry import Kernel, get_kernel
-from .store import FeatureStore, request_digest
+from .store import EntryWriter, FeatureStore, request_digest
 from .surrogate import KernelSurrogate, check_several_classes, fit_from_features, fit_from_kernel
 from .task import Task, batch_size_of, differentiable, move_inputs
 from .version import __version__
@@ -499,6 +500,37 @@ class FidelityPipeline:
             query_features, query_logits = self.features(query.loader(batch_size=self.batch_size), with_logits=True, name="query_features")
         return CheckpointFeatures(reference_features, reference.labels, reference.indices, query_features, query.labels, query.indices, query_logits)
 
+    def write_features(self, writer: EntryWriter, reference: ExampleSet, query: ExampleSet, progress: Callable[[str], bool | str] = lambda name: False) -> None:
+        """Featurize both sides into a store entry's writer, batch by batch, the arrays of :meth:`featurize` in
+        the storage precision: no array of all the features is held in memory. Kernels without a projection
+        (exact gradients, embeddings) are featurized whole, then written. ``progress(name)``: the progress bar of
+        the side ``name``."""
+        with retained_heap(model_device_dtype(self.model)[0]):  # one heap for both sides
+            for examples in (reference, query):
+                logits = self._write_side(writer, examples, progress(examples.name))
+                writer.put(f"{examples.name}_labels", examples.labels)
+                writer.put(f"{examples.name}_indices", examples.indices)
+        writer.put("query_logits", logits)
+
+    def _write_side(self, writer: EntryWriter, examples: ExampleSet, progress: bool | str) -> torch.Tensor:
+        """Write one side's features into ``writer`` as they are computed; return the network's logits on it."""
+        key, loader = f"{examples.name}_features", examples.loader(batch_size=self.batch_size)
+        if self.featurizer is None:
+            features, logits = self.features(loader, with_logits=True, name=key)
+            writer.put(key, features)
+            return logits
+        featurize = functools.partial(self.featurizer.featurize_batch, with_logits=True)
+        start, logits = 0, []
+        with non_finite_rows_kept():
+            for features, batch_logits in stream_batches(self.model, loader, featurize, self.task, self.batch_size, progress):
+                if not start:
+                    writer.allocate(key, (len(examples), *features.shape[1:]), self.storage_dtype)
+                features = storable(features.detach().cpu(), writer.dtype(key), key)
+                writer.write(key, start, features)
+                start += len(features)
+                logits.append(batch_logits.detach().cpu().float())
+        return torch.cat(logits)
+
     # -- store -------------------------------------------------------------------------------------
     def request(self, spec: FeatureSpec, reference: ExampleSet, query: ExampleSet) -> dict[str, Any]:
         """What a checkpoint's stored features answer; a stored entry is reused only for an equal one."""
@@ -517,8 +549,9 @@ class FidelityPipeline:
     def fit(
         self, features: CheckpointFeatures, num_outputs: int, init: KernelSurrogate | None = None, progress: Callable[[int, float], None] | None = None
     ) -> KernelSurrogate:
-        """The surrogate fitted on the reference features: on the ``N×N`` kernel when it fits the
-        memory budget, else streamed from the features. ``init``: a previous solution to start from;
+        """The surrogate fitted on the reference features: on the ``N×N`` kernel when it fits the memory
+        budget, else from the features, read in blocks (memory-mapped
+        stored features stay on disk). ``init``: a previous solution to start from;
         ``progress(iteration, objective)`` is called at every solver iterate."""
         reference, labels = features.reference_features, features.reference_labels
         options = dict(num_outputs=num_outputs, alpha=self.surrogate.alpha, formulation=self.surrogate.formulation,
@@ -528,7 +561,7 @@ class FidelityPipeline:
         if len(reference) ** 2 * 4 <= self.memory_budget:
             kernel = kernel_from_features(reference, normalize=self.kernel.normalized, product_precision=self.product_precision)
             return fit_from_kernel(kernel, labels, **options)
-        return fit_from_features(reference, labels, normalize=self.kernel.normalized, spec=self.spec(), **options)
+        return fit_from_features(reference, labels, normalize=self.kernel.normalized, spec=self.spec(), block_size=DEFAULT_BLOCK_SIZE, **options)
 
     def score(self, surrogate: KernelSurrogate, features: CheckpointFeatures) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
         """Fidelity of the surrogate on the query set: the figures, the query kernel rows and the
@@ -610,10 +643,15 @@ class FidelityPipeline:
             name = entry_name(name, request)
             stored = None if store is None or overwrite else store.load(name, request)
             started = time.perf_counter()
-            features = CheckpointFeatures.from_arrays(stored) if stored is not None else self.featurize(reference_set, query_set)
+            if stored is not None:
+                features = CheckpointFeatures.from_arrays(stored)
+            elif store is not None:  # written to the store as they are computed, read back as memory maps
+                with store.writer(name, request, overwrite=overwrite) as writer:
+                    self.write_features(writer, reference_set, query_set)
+                    features = CheckpointFeatures.from_arrays(writer.publish())
+            else:
+                features = self.featurize(reference_set, query_set)
             seconds = 0.0 if stored is not None else time.perf_counter() - started
-            if store is not None and stored is None:
-                features = CheckpointFeatures.from_arrays(store.save(name, request, features.arrays(), overwrite=overwrite))
             checkpoint = self.evaluate(features, spec, init, featurize_seconds=seconds, store_reused=stored is not None)
         return checkpoint
 

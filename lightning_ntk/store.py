@@ -22,6 +22,7 @@ Several runs may share one store folder. What lies in it:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -34,7 +35,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -219,6 +220,15 @@ def _open_arrays(folder: Path, manifest: dict, verify: bool) -> dict[str, Any]:
     return arrays
 
 
+def _write_error(err: OSError, final: Path) -> StoreError:
+    if err.errno in _DISK_FULL:
+        return StoreError(
+            f"The disk is full: writing features to {final} failed ({err.strerror}). Free space there, move the "
+            "store to a larger disk, or store less (fewer or smaller arrays, e.g. in float16)."
+        )
+    return StoreError(f"Writing features to {final} failed ({err}); use a store folder this process can write to.")
+
+
 class FeatureStore:
     """A folder of entries ``root/<name>/{<array>.npy, manifest.json}``, safe to share between processes.
 
@@ -305,33 +315,17 @@ class FeatureStore:
         request, info = _jsonable(dict(request), "request"), _jsonable(dict(info or {}), "info")
         if not overwrite and (existing := self.load(name, request, required=keys)) is not None:
             return existing
-        self.check_writable()
-        self._remove_abandoned()
-        final, tmp = self.path(name), self._hidden(name, "tmp")
-        try:
-            tmp.mkdir()
-            (tmp / WRITER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-            described = {}
+        with self.writer(name, request, info, overwrite) as writer:
             for key, value in arrays.items():
-                array, dtype = _as_array(key, value)
-                described[key] = {"shape": list(array.shape), **dtype, **_write_npy(tmp / f"{key}.npy", array)}
-            manifest = {"format": FORMAT, "request": request, "arrays": described, "info": info}
-            with open(tmp / MANIFEST, "w") as f:  # written last: a folder without it is incomplete
-                json.dump(manifest, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            existing = self._publish(tmp, name, request, keys, overwrite)
-            _fsync_dir(self.root)
-        except OSError as err:
-            if err.errno in _DISK_FULL:
-                raise StoreError(
-                    f"The disk is full: writing features to {final} failed ({err.strerror}). Free space there, move the "
-                    "store to a larger disk, or store less (fewer or smaller arrays, e.g. in float16)."
-                ) from err
-            raise StoreError(f"Writing features to {final} failed ({err}); use a store folder this process can write to.") from err
-        finally:
-            _remove(tmp)  # gone already once moved into place
-        return existing if existing is not None else _open_arrays(final, manifest, verify=False)
+                writer.put(key, value)
+            return writer.publish()
+
+    def writer(self, name: str, request: Mapping[str, Any], info: Mapping[str, Any] | None = None, overwrite: bool = False) -> "EntryWriter":
+        """An :class:`EntryWriter` of entry ``name``: its arrays written one by one, large ones block by block as they
+        are computed, then published as :meth:`save` publishes (use it as a context manager: a write left
+        unpublished, by an exception or otherwise, is deleted and never reads as an entry)."""
+        _check_name(name, "entry name")
+        return EntryWriter(self, name, _jsonable(dict(request), "request"), _jsonable(dict(info or {}), "info"), overwrite)
 
     def retain(self, keep_last: int, prefix: str = "", info: Mapping[str, Any] | None = None) -> list[str]:
         """Delete all but the ``keep_last`` newest complete entries whose names start with ``prefix`` and whose
@@ -452,3 +446,121 @@ class FeatureStore:
         except OSError:  # deleted meanwhile
             return False
         return now - last_change > self.stale_after
+
+
+class EntryWriter:
+    """One store entry written in its hidden temporary folder: whole arrays with :meth:`put`, large ones
+    preallocated with :meth:`allocate` as ``.npy`` memory maps and filled block by block with :meth:`write`,
+    so that no copy of them is held in memory; :meth:`publish` records their sizes and SHA-256 in the manifest,
+    written last, and moves the folder into place atomically. The files are those :meth:`FeatureStore.save`
+    writes, bit for bit. Until published, the folder is a write in progress (deleted on :meth:`abort`, at the
+    end of a ``with`` block, or once abandoned), so an interrupted writer never leaves an entry that reads as
+    complete."""
+
+    def __init__(self, store: FeatureStore, name: str, request: Any, info: Any, overwrite: bool):
+        self.store, self.name, self.request, self.info, self.overwrite = store, name, request, info, overwrite
+        self.final, self.tmp = store.path(name), store._hidden(name, "tmp")
+        self._described: dict[str, dict[str, Any]] = {}
+        self._maps: dict[str, np.memmap] = {}
+        store.check_writable()
+        store._remove_abandoned()
+        with self._errors():
+            self.tmp.mkdir()
+            (self.tmp / WRITER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+    def __enter__(self) -> "EntryWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.abort()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            raise _write_error(err, self.final) from err
+
+    def _key(self, key: str) -> None:
+        _check_name(key, "array name")
+        if key in self._described or key in self._maps:
+            raise ValueError(f"The array {key!r} is written already: give each array of an entry once.")
+
+    def put(self, key: str, value: Any) -> None:
+        """Write a whole array (a tensor or an array-like) at once."""
+        self._key(key)
+        array, dtype = _as_array(key, value)
+        with self._errors():
+            self._described[key] = {"shape": list(array.shape), **dtype, **_write_npy(self.tmp / f"{key}.npy", array)}
+
+    def allocate(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Preallocate the array ``key`` on disk (zeros), to be filled by :meth:`write`."""
+        self._key(key)
+        self._open(key, tuple(shape), dtype)
+
+    def _open(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        _, meta = _as_array(key, torch.empty(0, dtype=dtype))
+        with self._errors():
+            self._maps[key] = np.lib.format.open_memmap(self.tmp / f"{key}.npy", mode="w+", dtype=meta.get("bits", meta["dtype"]), shape=shape)
+        self._described[key] = {"shape": list(shape), **meta}
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype the allocated array ``key`` holds now."""
+        return getattr(torch, self._described[key]["dtype"])
+
+    def write(self, key: str, start: int, values: torch.Tensor) -> None:
+        """Write ``values`` into rows ``start:start + len(values)`` of the allocated array ``key``. Values of a
+        wider dtype than the array's (features beyond float16's range) first widen the whole array on disk."""
+        if key not in self._maps:
+            raise ValueError(f"The array {key!r} was not allocated: call allocate({key!r}, shape, dtype) first.")
+        if values.dtype != self.dtype(key):
+            self._widen(key, values.dtype)
+        bits, _ = _as_array(key, values)
+        with self._errors():
+            self._maps[key][start : start + len(bits)] = bits
+
+    def _widen(self, key: str, dtype: torch.dtype, block: int = 4096) -> None:
+        """Rewrite the allocated array ``key`` in ``dtype``, block by block."""
+        old, old_dtype = self._maps.pop(key), self.dtype(key)
+        del self._described[key]
+        path = self.tmp / f"{key}.npy"
+        narrow = self.tmp / f"{key}.narrow"
+        with self._errors():
+            old.flush()
+            os.rename(path, narrow)
+        self._open(key, old.shape, dtype)
+        for start in range(0, len(old), block):
+            rows = torch.from_numpy(np.ascontiguousarray(old[start : start + block])).view(old_dtype)
+            self._maps[key][start : start + len(rows)] = _as_array(key, rows.to(dtype))[0]
+        del old
+        narrow.unlink()
+
+    def publish(self) -> dict[str, Any]:
+        """Record the arrays in the manifest and move the entry into place; return its arrays as memory maps (or
+        those of an entry for the same request that another writer completed first, kept unless ``overwrite``)."""
+        store, keys = self.store, tuple(self._described)
+        try:
+            for key, array in self._maps.items():
+                array.flush()
+                path = self.tmp / f"{key}.npy"
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+                self._described[key].update(bytes=path.stat().st_size, sha256=_file_sha256(path))
+            self._maps.clear()
+            manifest = {"format": FORMAT, "request": self.request, "arrays": self._described, "info": self.info}
+            with open(self.tmp / MANIFEST, "w") as f:  # written last: a folder without it is incomplete
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            existing = store._publish(self.tmp, self.name, self.request, keys, self.overwrite)
+            _fsync_dir(store.root)
+        except OSError as err:
+            raise _write_error(err, self.final) from err
+        finally:
+            self.abort()  # gone already once moved into place
+        return existing if existing is not None else _open_arrays(self.final, manifest, verify=False)
+
+    def abort(self) -> None:
+        """Delete the write in progress (nothing once published)."""
+        self._maps.clear()
+        _remove(self.tmp)

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from .checks import FORMULATIONS, check_alpha, check_choice, check_count, check_solver_options
 from .featurize import FeatureSpec
 from .jacobian import all_finite
-from .kernels import DEFAULT_BLOCK_SIZE, as_tensor, unit_rows
+from .kernels import DEFAULT_BLOCK_SIZE, UnitRows, as_tensor, unit_rows
 from .metrics import predictions
 from .sharding import Shard
 
@@ -158,7 +158,8 @@ class _CrossEntropy:
 
 class _KernelOperator:
     """Products ``K x / scale`` with the training kernel, held as an ``[N, N]`` matrix or as features ``Φ``
-    (``[N, F]``, ``K = Φ Φᵀ``), on the device the fit runs on. ``scale``, the kernel's mean diagonal, puts
+    (``[N, F]``, ``K = Φ Φᵀ``), on the device the fit runs on; features given as :class:`UnitRows` are read
+    block by block at every product (two passes over them), never held whole. ``scale``, the kernel's mean diagonal, puts
     the kernel in units of itself, so that the solver sees the same problem whatever the kernel's units.
 
     Products run in the storage precision and return float64; :meth:`exact` accumulates in float64
@@ -180,22 +181,34 @@ class _KernelOperator:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.passes += 1
         x = self._in_storage_precision(x)
-        product = self.values @ (self.values.T @ x) if self.factored else self.values @ x
+        if isinstance(self.values, UnitRows):
+            product = self._blockwise(x, lambda rows: rows)
+        else:
+            product = self.values @ (self.values.T @ x) if self.factored else self.values @ x
         return product.double() / self.scale
+
+    def _blockwise(self, x: torch.Tensor, cast: Callable[[torch.Tensor], torch.Tensor], rows: int | None = None) -> torch.Tensor:
+        """``Φ (Φᵀ x)`` over row blocks of ``Φ`` (of ``rows``, or the :class:`UnitRows`' own), each ``cast`` once read."""
+        rows = rows or self.values.block_size
+        blocks = [slice(start, start + rows) for start in range(0, self.size, rows)]
+        projected = sum(cast(self.values[block]).T @ x[block] for block in blocks)
+        return torch.cat([cast(self.values[block]) @ projected for block in blocks])
 
     def diagonal(self) -> torch.Tensor:
         """The scaled kernel's diagonal, ``κ(x_i, x_i) / scale``, in float64."""
-        return (self.values.double().pow(2).sum(1) if self.factored else self.values.diagonal().double()) / self.scale
+        if not self.factored:
+            return self.values.diagonal().double() / self.scale
+        rows = self.values.block_size if isinstance(self.values, UnitRows) else self.size
+        return torch.cat([self.values[start : start + rows].double().pow(2).sum(1) for start in range(0, self.size, rows)]) / self.scale
 
     def exact(self, x: torch.Tensor, block_elements: int = 1 << 24) -> torch.Tensor:
         if self.values.dtype == torch.float64:
             return self(x)
         self.passes += 1
         rows = max(1, block_elements // self.values.shape[1])
-        blocks = [slice(start, start + rows) for start in range(0, self.size, rows)]
         if self.factored:
-            projected = sum(self.values[block].double().T @ x[block] for block in blocks)
-            return torch.cat([self.values[block].double() @ projected for block in blocks]) / self.scale
+            return self._blockwise(x, torch.Tensor.double, rows) / self.scale
+        blocks = [slice(start, start + rows) for start in range(0, self.size, rows)]
         return torch.cat([self.values[block].double() @ x for block in blocks]) / self.scale
 
 
@@ -577,7 +590,7 @@ class KernelSurrogate(L.LightningModule):
         feature_shape: tuple[int, ...] | None = None,
         spec: dict | None = None,
         kernel_scale: float = 1.0,
-        feature_rows: int | None = None,
+        shard_rows: int | None = None,
     ):
         super().__init__()
         check_choice("formulation", formulation, FORMULATIONS)
@@ -590,14 +603,22 @@ class KernelSurrogate(L.LightningModule):
         self.weight = torch.nn.Parameter(torch.zeros(num_outputs, num_train))
         self.bias = torch.nn.Parameter(torch.zeros(num_outputs))
         self.register_buffer("class_weights", torch.ones(max(2, num_outputs), dtype=torch.float64))
-        rows = num_train if feature_rows is None else feature_rows  # a shard's rows (see fit_from_features' shard)
+        rows = num_train if shard_rows is None else shard_rows  # a shard's rows (see fit_from_features' shard)
         features = None if feature_shape is None else torch.zeros(rows, int(np.prod(feature_shape)))
         self.register_buffer("train_features", features)  # unit-norm (if normalized) flattened training features
+        self._rows: UnitRows | None = None  # instead, when they are read in blocks from where they are stored
         self.spec = FeatureSpec(**spec) if spec is not None else None
         self.history: list[float] = []
         self.fit_record: dict[str, Any] = {}
         self.curvature: Curvature | None = None  # set by the fit
         self.shard: Shard | None = None  # the rows of train_features, when they are this rank's shard
+
+    @property
+    def feature_rows(self) -> torch.Tensor | UnitRows | None:
+        """The training features as the fit used them (flattened, unit-norm if normalised), sliced by rows: held in
+        memory (``train_features``), or read in blocks from their array (:func:`fit_from_features` with
+        ``block_size``); None for a surrogate fitted from a kernel matrix."""
+        return self._rows if self._rows is not None else self.train_features
 
     @property
     def penalty(self) -> float:
@@ -633,14 +654,18 @@ class KernelSurrogate(L.LightningModule):
     def _feature_logits(self, unit_query: torch.Tensor) -> torch.Tensor:
         """``W κ(q, X)ᵀ + b`` as ``q (Φᵀ Wᵀ) + b``: no kernel row is formed. With sharded features, ``Φᵀ Wᵀ`` is
         the sum of the ranks' ``Φ_rᵀ W_rᵀ`` (one all-reduce of ``[F, C]``): a collective, every rank calls it."""
-        if self.shard is None:
-            return unit_query.to(self.weight.dtype) @ (self.train_features.T @ self.weight.T) + self.bias
-        folded = self.shard.all_reduce(self.train_features.T @ self.weight[:, self.shard.rows.to(self.weight.device)].T)
+        rows = self.feature_rows
+        if isinstance(rows, UnitRows):
+            folded = sum(rows[block].to(self.weight.dtype).T @ self.weight[:, block].T for block in rows.blocks())
+        elif self.shard is None:
+            folded = rows.T @ self.weight.T
+        else:
+            folded = self.shard.all_reduce(rows.T @ self.weight[:, self.shard.rows.to(self.weight.device)].T)
         return unit_query.to(self.weight.dtype) @ folded + self.bias
 
     # -- Lightning ---------------------------------------------------------------------------------
     def _batch_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.train_features is not None:
+        if self.feature_rows is not None:
             return self._feature_logits(self.unit_query_features(inputs))
         self.check_kernel_rows(inputs)
         return self(inputs)
@@ -656,6 +681,8 @@ class KernelSurrogate(L.LightningModule):
         self.log("surrogate/test_acc", (predictions(logits) == labels).float().mean(), batch_size=len(labels))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._rows is not None:  # features read in blocks are gathered here, so that the checkpoint holds them like any other
+            checkpoint["state_dict"]["train_features"] = torch.cat([self._rows[block].cpu() for block in self._rows.blocks()])
         curvature = None if self.curvature is None else self.curvature.state()
         checkpoint["surrogate_fit"] = {"history": list(self.history), "record": dict(self.fit_record), "curvature": curvature}
 
@@ -702,7 +729,7 @@ class KernelSurrogate(L.LightningModule):
     def unit_query_features(self, query_features: Any, spec: FeatureSpec | None = None) -> torch.Tensor:
         """Query features flattened and normalised as the training features were, after checking that
         they were computed the same way."""
-        if self.train_features is None:
+        if self.feature_rows is None:
             raise ValueError("This surrogate was fitted from a kernel matrix, not features: pass kernel rows to predict().")
         self._check_spec(spec)
         expected = tuple(self.hparams.feature_shape)
@@ -905,6 +932,7 @@ def fit_from_features(
     progress: Callable[[int, float], None] | None = None,
     device: str | torch.device = "auto",
     shard: Shard | None = None,
+    block_size: int | None = None,
 ) -> KernelSurrogate:
     """Fit a surrogate on the kernel of training features ``[N, C, K]`` or ``[N, K]`` (a tensor or a
     numpy array, memmaps included) without forming it: memory ``O(N·C·K)``. ``normalize`` chooses the
@@ -917,6 +945,12 @@ def fit_from_features(
     collectives (:class:`_ShardedKernelOperator`), every rank solves the same problem and returns the same
     weights, curvature and record, and each surrogate keeps only its rank's features (``surrogate.shard``), so
     that no rank holds all of them. The result equals the fit on all the rows in one process.
+
+    ``block_size``: read the features that many rows at a time at every kernel product, normalising each
+    block on the fly (:class:`~lightning_ntk.kernels.UnitRows`), instead of holding a normalised copy: the
+    memory of stored features that are memory-mapped is then the page cache's, and the surrogate keeps a
+    reference to the array (it must stay readable as long as the surrogate is used with features). The
+    solution is the same as in memory (to rounding: float32 products are summed in another order).
     """
     if len(getattr(train_features, "shape", ())) not in (2, 3) or train_features.shape[0] == 0:
         raise ValueError(
@@ -931,12 +965,24 @@ def fit_from_features(
                 f"{train_features.shape[0]} rows of features): pass each rank the features of its shard.rows."
             )
     labels, outputs = _labels(train_labels, num_train, num_outputs)
-    flat = flat_unit_features(train_features, normalize)
-    diagonal = flat.double().pow(2).sum(1)
+    if block_size is None:
+        flat = flat_unit_features(train_features, normalize)
+        diagonal = flat.double().pow(2).sum(1)
+    else:
+        check_count("block_size", block_size, allow_none=False)
+        if shard is not None:
+            raise ValueError("block_size= and shard= are not supported together yet: fit a shard from its features in memory (block_size=None).")
+        flat = UnitRows(train_features, normalize, block_size)
+        check_finite(flat.norms, "feature array")  # a row's norm is finite exactly when its features are (short of overflow)
+        diagonal = flat.norms.double().square()
     surrogate = KernelSurrogate(
         num_train, outputs, alpha, formulation, normalized=normalize,
-        feature_shape=tuple(train_features.shape[1:]), spec=spec.to_dict() if spec is not None else None,
-        kernel_scale=_kernel_scale(diagonal if shard is None else shard.gather(diagonal), normalize), feature_rows=len(flat),
+        feature_shape=None if block_size is not None else tuple(train_features.shape[1:]), spec=spec.to_dict() if spec is not None else None,
+        kernel_scale=_kernel_scale(diagonal if shard is None else shard.gather(diagonal), normalize), shard_rows=len(flat),
     )
-    surrogate.train_features, surrogate.shard = flat, shard
-    return _fit(surrogate, surrogate.train_features, True, labels, init, device, tolerance, max_iter, preconditioner_rank, progress, shard)
+    if block_size is None:
+        surrogate.train_features, surrogate.shard = flat, shard
+    else:  # recorded, but no buffer of the features' size is allocated: the rows are read where they are
+        surrogate.hparams.feature_shape = tuple(train_features.shape[1:])
+        surrogate._rows = flat
+    return _fit(surrogate, flat, True, labels, init, device, tolerance, max_iter, preconditioner_rank, progress, shard)

@@ -57,3 +57,9 @@ def test_storage_precision_runs_and_prints_its_table():
     out = run_script("benchmarks/storage_precision.py", "--quick", "--setups", "mlp")
     for dtype in ("float32", "float16", "bfloat16"):
         assert f"| mlp | {dtype} |" in out, out[-2000:]
+
+
+@pytest.mark.slow
+def test_scale_runs_and_prints_its_table():
+    out = run_script("benchmarks/scale.py", "--quick")
+    assert re.search(r"\| 300 \| 1 \| [0-9,]+ \| [0-9.]+ \| [0-9.]+ \(\d+, \d+; (N×N kernel|blocks)", out), out[-2000:]

@@ -460,3 +460,72 @@ def test_full_disk_gives_a_clear_error_and_leaves_the_store_as_it_was(tmp_path):
     assert not any(option in str(refused.value) for option in CALLBACK_OPTIONS)
     assert store.load("f", REQUEST) is None and leftovers(tmp_path) == []
     np.testing.assert_array_equal(store.load("e", REQUEST)["train"], features().numpy())  # the failed overwrite kept it
+
+
+def streamed(store, name, arrays, block=4, dtype=None, request=REQUEST):
+    """Write ``arrays`` through an EntryWriter, the first one block by block (allocated in ``dtype``)."""
+    (first, values), *rest = arrays.items()
+    with store.writer(name, request) as writer:
+        writer.allocate(first, tuple(values.shape), dtype or values.dtype)
+        for start in range(0, len(values), block):
+            writer.write(first, start, values[start : start + block])
+        for key, value in rest:
+            writer.put(key, value)
+        return writer.publish()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_an_entry_written_block_by_block_equals_a_saved_one_bit_for_bit(tmp_path, dtype):
+    arrays = {"train": (features(10) * 100).to(dtype), "labels": torch.arange(10)}
+    saved = FeatureStore(tmp_path / "saved").save("e", REQUEST, arrays)
+    out = streamed(FeatureStore(tmp_path / "streamed"), "e", arrays)
+    for key in arrays:
+        assert (tmp_path / "streamed" / "e" / f"{key}.npy").read_bytes() == (tmp_path / "saved" / "e" / f"{key}.npy").read_bytes()
+        assert torch.equal(torch.as_tensor(out[key]).view(torch.uint8), torch.as_tensor(saved[key]).view(torch.uint8))
+    assert (tmp_path / "streamed" / "e" / "manifest.json").read_text() == (tmp_path / "saved" / "e" / "manifest.json").read_text()
+    assert leftovers(tmp_path / "streamed") == []
+
+
+def test_a_streamed_array_widens_on_disk_when_a_block_needs_a_wider_dtype(tmp_path):
+    values = features(10)
+    wide = torch.cat([values[:4].half(), values[4:].bfloat16()])  # the second block overflowed float16 and came wider
+    with FeatureStore(tmp_path).writer("e", REQUEST) as writer:
+        writer.allocate("train", tuple(values.shape), torch.float16)
+        writer.write("train", 0, wide[:4].half())
+        writer.write("train", 4, values[4:].bfloat16())
+        assert writer.dtype("train") == torch.bfloat16
+        out = writer.publish()
+    assert torch.equal(torch.as_tensor(out["train"]), torch.cat([values[:4].half().bfloat16(), values[4:].bfloat16()]))
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["manifest.json", "train.npy", "writer.json"]  # no narrow copy is left
+
+
+def test_an_interrupted_streamed_write_leaves_no_entry_and_the_next_one_completes(tmp_path):
+    store = FeatureStore(tmp_path)
+    with pytest.raises(RuntimeError, match="featurizing failed"):
+        with store.writer("e", REQUEST) as writer:
+            writer.allocate("train", (10, 3, 8), torch.float32)
+            writer.write("train", 0, features(4))
+            raise RuntimeError("featurizing failed")
+    assert store.load("e", REQUEST) is None and leftovers(tmp_path) == []
+    # A writer killed midway (no exception handler runs) leaves only a temporary folder, which is never an entry.
+    pid = os.fork()
+    if pid == 0:
+        writer = store.writer("e", REQUEST)
+        writer.allocate("train", (10, 3, 8), torch.float32)
+        writer.write("train", 0, features(4))
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert store.load("e", REQUEST) is None and [p.startswith(".e.tmp-") for p in leftovers(tmp_path)] == [True]
+    out = streamed(store, "e", {"train": features(10)})
+    np.testing.assert_array_equal(out["train"], features(10).numpy())
+    assert leftovers(tmp_path) == []  # the dead writer's folder is cleared
+
+
+def test_a_streamed_write_refuses_unallocated_and_repeated_arrays(tmp_path):
+    with FeatureStore(tmp_path).writer("e", REQUEST) as writer:
+        with pytest.raises(ValueError, match=r"call allocate\('train', shape, dtype\) first"):
+            writer.write("train", 0, features(2))
+        writer.put("labels", LABELS)
+        with pytest.raises(ValueError, match="written already"):
+            writer.allocate("labels", (6,), torch.int64)
+    assert leftovers(tmp_path) == []

@@ -489,3 +489,30 @@ def test_a_fit_that_stops_short_says_why_and_what_helps(digits):
     assert "did not converge" in short.fit_record["warning"] and "max_iter" in short.fit_record["warning"]
     floor = fit_from_kernel(k.double(), y, tolerance=1e-30)
     assert floor.fit_record["stop"] == "stalled" and "a tolerance of" in floor.fit_record["warning"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_a_fit_and_attribution_reading_memory_mapped_features_in_blocks_equal_those_in_memory(digits, tmp_path, dtype):
+    """No normalised copy of the features is made, and the result is the in-memory one: to 1e-8 in float64, to the
+    solver's tolerance in float32 and float16 (whose products are summed in another order)."""
+    featurizer = ln.Featurizer(digits["net"], projection_dim=32, seed=0)
+    train, query = featurizer(digits["x_train"][:300]).to(dtype), featurizer(digits["x_test"][:20]).to(dtype)
+    np.save(tmp_path / "train.npy", train.numpy())
+    mapped = np.load(tmp_path / "train.npy", mmap_mode="c")
+    labels = digits["y_train"][:300]
+    in_memory = fit_from_features(train, labels, tolerance=1e-12)
+    blocks = fit_from_features(mapped, labels, tolerance=1e-12, block_size=64)
+    assert blocks.train_features is None and blocks.feature_rows.features is mapped
+    exact = dtype == torch.float64
+    close = dict(rtol=1e-8, atol=1e-8) if exact else dict(rtol=1e-4, atol=1e-4 * float(in_memory.weight.detach().abs().max()))
+    assert blocks.fit_record["objective"] == pytest.approx(in_memory.fit_record["objective"], rel=1e-12 if exact else 1e-9)
+    torch.testing.assert_close(blocks.weight, in_memory.weight, **close)
+    torch.testing.assert_close(blocks.predict_from_features(query), in_memory.predict_from_features(query), **close)
+    for method in ("influence", "representer"):
+        a = ln.attribute(blocks, query_features=query, method=method, top_k=3, return_scores=True, block_size=64)
+        b = ln.attribute(in_memory, query_features=query, method=method, top_k=3, return_scores=True)
+        torch.testing.assert_close(a.scores, b.scores, rtol=close["rtol"], atol=close["rtol"] * float(b.scores.abs().max()))
+        if exact:
+            assert torch.equal(a.proponent_indices, b.proponent_indices) and torch.equal(a.opponent_indices, b.opponent_indices)
+    # The query kernel rows against memory-mapped reference features are read in blocks too, and are the same.
+    torch.testing.assert_close(ln.kernel_from_features(query, mapped, block_size=64), ln.kernel_from_features(query, train, block_size=10**6))
