@@ -338,7 +338,8 @@ class NTKAttributionCallback(L.Callback):
         dominates; each rank featurizes its share), with this hook's own time as spent."""
         probe = torch.arange(min(PROBE_EXAMPLES, len(self._reference)))
         timer = time.perf_counter()
-        self.pipeline.features(self._reference.loader(probe, self.subsets.batch_size))
+        with retained_heap(model_device_dtype(self.pipeline.model)[0]):  # as a checkpoint featurizes
+            self.pipeline.features(self._reference.loader(probe, self.subsets.batch_size))
         per_example = (time.perf_counter() - timer) / len(probe)
         examples = len(self._reference) + len(self._query)
         estimate = per_example * -(-examples // trainer.world_size)
