@@ -34,7 +34,8 @@ import math
 from collections import Counter
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from enum import Enum
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -42,8 +43,7 @@ from torch.func import vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
-from .jacobian import ParamSelection, PerExampleGradients, _autograd_on, check_logits, eval_mode, refuse_batch_statistics, select_parameters
-from .projection import DEFAULT_MEMORY_BUDGET, SketchTotal, gather_columns, hash_positions
+from .jacobian import DEFAULT_MEMORY_BUDGET, ParamSelection, PerExampleGradients, _autograd_on, check_logits, eval_mode, refuse_batch_statistics, select_parameters
 from .task import Task, batch_size_of, differentiable, slice_inputs
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -52,19 +52,29 @@ SCALE_TYPES = BATCH_NORM_TYPES + (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) i
 SUPPORTED_TYPES = (nn.Linear, nn.Embedding, nn.MultiheadAttention) + CONV_TYPES + SCALE_TYPES
 
 
+class BlockKind(str, Enum):
+    """How a block's per-example gradient matrix ``G`` (``rows × cols``) is made from its signals (the
+    layouts of :class:`LayerSignals`); a ``str``, so that a kind compares equal to its name."""
+
+    OUTER = "outer"  # Linear, ConvNd, an attention's in-projection: G = Σ_t δ_t a_tᵀ over positions t
+    EMBEDDING = "embedding"  # nn.Embedding: each position's gradient row δ_t added to the row of its token
+    SCALE = "scale"  # a normalisation's affine: one row, Σ_t δ_t ⊙ x̂_t for the weight, then Σ_t δ_t for the bias
+    FLAT = "flat"  # per-example gradients formed already (modules that fell back): one row, as it is
+
+
 @dataclass(frozen=True)
 class Block:
     """The selected parameters of one module, seen as one gradient matrix ``G`` of ``rows × cols``.
 
-    ``outer`` (Linear, ConvNd): rows are output channels, columns the input patch (``in/groups ·
-    kernel``) then a column for the bias; ``embedding``: rows are tokens, columns the embedding
-    dimension; ``scale`` (normalisation affine): one row, the weight's then the bias's entries;
-    ``flat``: one row holding the per-example gradients of the modules that fell back. ``transposed``:
+    ``OUTER`` (Linear, ConvNd): rows are output channels, columns the input patch (``in/groups ·
+    kernel``) then a column for the bias; ``EMBEDDING``: rows are tokens, columns the embedding
+    dimension; ``SCALE`` (normalisation affine): one row, the weight's then the bias's entries;
+    ``FLAT``: one row holding the per-example gradients of the modules that fell back. ``transposed``:
     the weight is stored ``[in, out]`` (Hugging Face's ``Conv1D``), the transpose of ``G``'s weight columns.
     """
 
     name: str
-    kind: str
+    kind: BlockKind
     params: tuple[str, ...]
     rows: int
     cols: int
@@ -94,7 +104,7 @@ def _outer_block(name: str, module: nn.Module, own: dict[str, str]) -> Block:
     cols = (patch if "weight" in own else 0) + (1 if "bias" in own else 0)
     names = tuple(own[k] for k in ("weight", "bias") if k in own)
     shapes = tuple(getattr(module, k).shape for k in ("weight", "bias") if k in own)
-    return Block(name, "outer", names, rows, cols, groups, shapes, module, transposed)
+    return Block(name, BlockKind.OUTER, names, rows, cols, groups, shapes, module, transposed)
 
 
 class _PackedProjection(nn.Module):
@@ -190,7 +200,7 @@ def _tie_shares(blocks: list[Block]) -> set[str]:
     refused = set()
     for group in holders.values():
         if len(group) > 1 and not all(
-            len(blk.params) == 1 and blk.kind in ("outer", "embedding") and blk.groups == 1 and not blk.transposed
+            len(blk.params) == 1 and blk.kind in (BlockKind.OUTER, BlockKind.EMBEDDING) and blk.groups == 1 and not blk.transposed
             and (blk.rows, blk.cols) == (group[0].rows, group[0].cols)
             for blk in group
         ):
@@ -242,12 +252,12 @@ def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list
             names = tuple(own[k] for k in ("in_proj_weight", "in_proj_bias") if k in own)
             shapes = tuple(getattr(module, k).shape for k in ("in_proj_weight", "in_proj_bias") if k in own)
             e = module.embed_dim
-            blocks.append(Block(name, "outer", names, 3 * e, e * weight + bias, 3, shapes, _PackedProjection(module)))
+            blocks.append(Block(name, BlockKind.OUTER, names, 3 * e, e * weight + bias, 3, shapes, _PackedProjection(module)))
         elif isinstance(module, nn.Embedding):
-            blocks.append(Block(name, "embedding", tuple(own.values()), module.num_embeddings, module.embedding_dim, 1, (module.weight.shape,), module))
+            blocks.append(Block(name, BlockKind.EMBEDDING, tuple(own.values()), module.num_embeddings, module.embedding_dim, 1, (module.weight.shape,), module))
         elif isinstance(module, SCALE_TYPES):
             shapes = tuple(getattr(module, k).shape for k in own)
-            blocks.append(Block(name, "scale", tuple(own.values()), 1, sum(map(math.prod, shapes)), 1, shapes, module))
+            blocks.append(Block(name, BlockKind.SCALE, tuple(own.values()), 1, sum(map(math.prod, shapes)), 1, shapes, module))
         else:
             blocks.append(_outer_block(name, module, own))
     refused = _tie_shares(blocks)
@@ -257,6 +267,11 @@ def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list
 
 
 # -- layer inputs and output gradients -------------------------------------------------------------
+
+
+def gather_columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[..., index]``, gathered as a matrix (much faster than along the last of several dimensions)."""
+    return x.reshape(-1, x.shape[-1]).index_select(1, index).view(*x.shape[:-1], len(index))
 
 
 def _patch_index(shape: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...], groups: int,
@@ -326,9 +341,9 @@ def _normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _layer_inputs(blk: Block, x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
     """The input side of one call of a block, from the module's input, as :class:`LayerSignals` lays it out
     (an ``outer`` block's columns in ``order``, if given)."""
-    if blk.kind == "outer":
+    if blk.kind == BlockKind.OUTER:
         return _patches(blk, x, order)
-    if blk.kind == "scale":
+    if blk.kind == BlockKind.SCALE:
         return _normalised(blk.module, x)
     return x.reshape(x.shape[0], -1)  # embedding: the token ids
 
@@ -342,7 +357,7 @@ def _layer_grads(blk: Block, grad: torch.Tensor, inputs: torch.Tensor) -> torch.
         return grad.reshape(c, b, grad.shape[2], -1).transpose(2, 3)
     width = math.prod(module.normalized_shape) if isinstance(module, SCALE_TYPES) else grad.shape[-1]
     d = grad.reshape(c, b, -1, width)
-    if blk.kind == "embedding" and module.padding_idx is not None:
+    if blk.kind == BlockKind.EMBEDDING and module.padding_idx is not None:
         d = d * (inputs != module.padding_idx)[..., None]
     return d
 
@@ -365,13 +380,13 @@ class LayerSignals:
     def matrix(self) -> torch.Tensor:
         """The per-example gradient matrices ``[B, C, rows, cols]``."""
         blk, d = self.block, self.grads
-        if blk.kind == "flat":
+        if blk.kind == BlockKind.FLAT:
             return d.transpose(0, 1).unsqueeze(2)
         x = self.inputs
         c, b = d.shape[:2]
-        if blk.kind == "outer":
+        if blk.kind == BlockKind.OUTER:
             return torch.einsum("cbtgo,btgi->bcgoi", d.unflatten(-1, (x.shape[2], -1)), x).reshape(b, c, blk.rows, blk.cols)
-        if blk.kind == "embedding":
+        if blk.kind == BlockKind.EMBEDDING:
             index = x[:, None, :, None].expand(-1, c, -1, blk.cols)
             return d.new_zeros(b, c, blk.rows, blk.cols).scatter_add_(2, index, d.transpose(0, 1))
         parts = [torch.einsum("cbtd,btd->bcd", d, x) if p.endswith("weight") else d.sum(2).transpose(0, 1) for p in blk.params]
@@ -382,7 +397,7 @@ class LayerSignals:
         blk = self.block
         g = self.matrix()
         b, c = g.shape[:2]
-        if blk.kind == "outer":  # the weight's columns, then the bias column
+        if blk.kind == BlockKind.OUTER:  # the weight's columns, then the bias column
             with_bias = blk.params[-1].endswith("bias")
             grads = {}
             if blk.params[0].endswith("weight"):
@@ -394,6 +409,60 @@ class LayerSignals:
         sizes = [math.prod(shape) for shape in blk.shapes]
         parts = g.reshape(b, c, -1).split(sizes, dim=-1)
         return {n: part.reshape(b, c, *shape) for n, part, shape in zip(blk.params, parts, blk.shapes)}
+
+
+# -- what a projector of signals provides ----------------------------------------------------------
+
+
+def hash_positions(blocks: list[Block]) -> list[int]:
+    """The position in the layout whose hash each block uses: its own, or that of the first block holding
+    the same parameters (the uses of a weight tied between modules), so that their projections add up to
+    the projection of the weight's gradient."""
+    first: dict[tuple, int] = {}
+    return [first.setdefault(blk.params, position) for position, blk in enumerate(blocks)]
+
+
+class RunningSum(Protocol):
+    """The sum of blocks' projections ``[C, B, K]`` while :meth:`SignalProjector.sketch` adds blocks to it."""
+
+    def result(self) -> torch.Tensor:
+        """The finished sum ``[C, B, K]``: the tensor the sum was started on (:meth:`SignalProjector.running_sum`)."""
+
+
+@runtime_checkable
+class SignalProjector(Protocol):
+    """What :meth:`LayerGradients.project` needs of a projector: a linear map ``R`` (``K × P``) applied to
+    every block's gradient matrix from its signals (:class:`LayerSignals`), inside the backward pass.
+
+    A block is identified by its ``position`` in the layout (:func:`hash_positions`: the uses of a tied
+    weight share the position of the first, so that their projections add up) and its :class:`Block`
+    (``kind``, ``rows``, ``cols``, ``groups``, ``params``); ``R`` must depend only on those and the
+    projector's own options, never on the batch. Every block of every :class:`BlockKind` is given. The
+    projector sees one call of a module at a time, all classes at once; per call it is asked once for
+    :meth:`column_order` (``OUTER`` blocks only) and :meth:`prepare`, then :meth:`sketch` once per group
+    of classes (the classes' backward passes). Its result is ``[B, C, K]``: the sum over blocks and calls.
+    """
+
+    projection_dim: int  # K
+
+    def running_sum(self, out: torch.Tensor) -> RunningSum:
+        """A sum of projections that adds into ``out`` ``[C, B, K]`` (zeros) and returns it from ``result()``."""
+
+    def column_order(self, position: int, block: Block, device: torch.device) -> torch.Tensor | None:
+        """For an ``OUTER`` block: the order of the input columns (a permutation of ``range(cols)``) in
+        which :meth:`prepare` wants them, so that they are gathered in it at once; None for any order."""
+
+    def prepare(self, position: int, block: Block, inputs: torch.Tensor | None, dtype: torch.dtype, ordered: bool = False) -> Any:
+        """What :meth:`sketch` needs of a call's input side, the same for every class, from ``inputs`` laid
+        out as :class:`LayerSignals` lays them out (an ``OUTER`` block's columns in :meth:`column_order`
+        if ``ordered``); ``dtype``: the precision of the gradients to come."""
+
+    def sketch(self, position: int, block: Block, inputs: torch.Tensor | None, grads: torch.Tensor, prepared: Any = None,
+               into: RunningSum | None = None) -> RunningSum:
+        """Add ``R`` applied to the block's gradient matrices for every class, ``[C, B, K]``, to ``into`` (a new
+        sum if None) and return it; ``grads`` class-first as :class:`LayerSignals` lays them out; ``prepared``:
+        :meth:`prepare`'s result for this call (``inputs`` is then None), or None to prepare ``inputs`` here.
+        ``FLAT`` blocks come with ``inputs`` None and their formed gradients ``[C, B, cols]``."""
 
 
 # -- one forward pass, one backward pass for all classes -------------------------------------------
@@ -539,7 +608,7 @@ class LayerGradients:
         names = [n for n in self.params if n not in structured]
         self._fallback = PerExampleGradients(self.model, names, self.task, memory_budget=self.memory_budget) if names else None
         shapes = tuple(self.params[n].shape for n in names)
-        self._flat = Block("+".join(self.fallback_modules), "flat", tuple(names), 1, sum(map(math.prod, shapes)), 1, shapes) if names else None
+        self._flat = Block("+".join(self.fallback_modules), BlockKind.FLAT, tuple(names), 1, sum(map(math.prod, shapes)), 1, shapes) if names else None
         if modules:
             warnings.warn(
                 f"Per-example gradients of module(s) {', '.join(repr(m or '<model>') for m in modules)} use the generic "
@@ -573,7 +642,7 @@ class LayerGradients:
                     signals.append(LayerSignals(blk, *self._zero_signals(blk, logits, classes)))
                     continue
                 xs = [_layer_inputs(blk, call.input.detach()) for call, _ in mine]
-                if blk.kind == "outer":  # an attention's in-projection may have run on one input and on three
+                if blk.kind == BlockKind.OUTER:  # an attention's in-projection may have run on one input and on three
                     groups = max(x.shape[2] for x in xs)
                     xs = [x.expand(-1, -1, groups, -1) for x in xs]
                 ds = [_layer_grads(blk, g, x) for (_, g), x in zip(mine, xs)]
@@ -587,16 +656,16 @@ class LayerGradients:
     def _zero_signals(blk: Block, logits: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The inputs and gradients of a block whose module did not run: one position of zeros."""
         b = logits.shape[0]
-        if blk.kind == "outer":
+        if blk.kind == BlockKind.OUTER:
             return logits.new_zeros(b, 1, blk.groups, blk.cols), logits.new_zeros(classes, b, 1, blk.rows)
-        if blk.kind == "embedding":
+        if blk.kind == BlockKind.EMBEDDING:
             return torch.zeros(b, 1, dtype=torch.long, device=logits.device), logits.new_zeros(classes, b, 1, blk.cols)
         width = blk.cols // len(blk.params)
         return logits.new_zeros(b, 1, width), logits.new_zeros(classes, b, 1, width)
 
-    def project(self, inputs: Any, projector, summed: bool = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-        """``[B, C, K]`` (``C = 1`` when ``summed``): ``projector``'s sketch
-        (:class:`~lightning_ntk.projection.SketchProjector`) of every example's per-class gradients, the
+    def project(self, inputs: Any, projector: SignalProjector, summed: bool = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """``[B, C, K]`` (``C = 1`` when ``summed``): ``projector``'s projection (:class:`SignalProjector`, e.g.
+        :class:`~lightning_ntk.projection.SketchProjector`) of every example's per-class gradients, the
         structured blocks' sketched inside the backward pass, the fallback's chunk by chunk. ``with_logits``:
         also the logits ``[B, C]`` of the forward pass this takes (the model's eval-mode logits, detached),
         so that nobody runs another; None where every module fell back, so that none ran."""
@@ -606,7 +675,7 @@ class LayerGradients:
             param = next(iter(self.params.values()))
             dtype = torch.promote_types(param.dtype, torch.float32)
             sink = torch.zeros((), device=param.device, dtype=dtype, requires_grad=True)
-            target: list[SketchTotal] = []  # the sum of sketches of the classes being backpropagated
+            target: list[RunningSum] = []  # the sum of sketches of the classes being backpropagated
 
             def tap(call: _Call, output: torch.Tensor) -> torch.Tensor:
                 prepared = []  # the input side, prepared once for all classes
@@ -615,7 +684,7 @@ class LayerGradients:
                     autocast = torch.is_autocast_enabled(x.device.type)
                     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
                         if not prepared:
-                            order = projector.column_order(call.position, call.block, x.device) if call.block.kind == "outer" else None
+                            order = projector.column_order(call.position, call.block, x.device) if call.block.kind == BlockKind.OUTER else None
                             inputs = _layer_inputs(call.block, x, order)
                             prepared.append(projector.prepare(call.position, call.block, inputs, torch.promote_types(grads.dtype, torch.float32), order is not None))
                         projector.sketch(call.position, call.block, None, _layer_grads(call.block, grads, prepared[0]), prepared[0], target[0])
@@ -630,7 +699,7 @@ class LayerGradients:
 
             @contextlib.contextmanager
             def into(classes: slice) -> Iterator[None]:
-                target[:] = [SketchTotal(features[classes].zero_())]
+                target[:] = [projector.running_sum(features[classes].zero_())]
                 yield
                 target.pop().result()
 
@@ -757,7 +826,7 @@ class LayerGradients:
                     blk = index[id(module)]
                     calls[blk.name] += 1
                     outputs.setdefault(blk.name, set()).add(output.grad_fn)
-                    if n > 1 and blk.kind == "embedding" and args[0].shape[:1] == output.shape[:1] == (1,):
+                    if n > 1 and blk.kind == BlockKind.EMBEDDING and args[0].shape[:1] == output.shape[:1] == (1,):
                         broadcast.add(blk.name)
                     elif args[0].shape[:1] != (n,) or output.shape[:1] != (n,):
                         wrong_batch.add(blk.name)
@@ -799,11 +868,11 @@ def gram_factors(signals: list[LayerSignals]) -> list[LayerSignals]:
         blk, classes = sig.block, sig.grads.shape[0]
         if uses[blk.params] > 1:
             keep = False
-        elif blk.kind == "outer":
+        elif blk.kind == BlockKind.OUTER:
             t = sig.inputs.shape[1]
             keep = t * t * (blk.groups * blk.cols + classes * blk.rows) <= classes * blk.rows * blk.cols
         else:
-            keep = blk.kind != "scale"
+            keep = blk.kind != BlockKind.SCALE
         if keep:
             out.append(sig)
             continue
@@ -811,7 +880,7 @@ def gram_factors(signals: list[LayerSignals]) -> list[LayerSignals]:
         if blk.params in tied:
             tied[blk.params].grads = tied[blk.params].grads + grads
         else:
-            flat = Block(blk.name, "flat", blk.params, 1, blk.size, 1, blk.shapes, blk.module)
+            flat = Block(blk.name, BlockKind.FLAT, blk.params, 1, blk.size, 1, blk.shapes, blk.module)
             out.append(LayerSignals(flat, None, grads))
             if uses[blk.params] > 1:
                 tied[blk.params] = out[-1]
@@ -824,9 +893,9 @@ def signal_gram(signals_a: list[LayerSignals], signals_b: list[LayerSignals]) ->
     total = None
     for sa, sb in zip(signals_a, signals_b):
         kind = sa.block.kind
-        if kind == "flat":
+        if kind == BlockKind.FLAT:
             k = torch.einsum("cbp,csp->bs", sa.grads, sb.grads)
-        elif kind == "outer":
+        elif kind == BlockKind.OUTER:
             g = sa.inputs.shape[2]
             da, db = (s.grads.unflatten(-1, (g, -1)) for s in (sa, sb))  # [C, B, T, g, rows/g]
             same_inputs = torch.einsum("btgi,sugi->gbtsu", sa.inputs, sb.inputs)
