@@ -21,7 +21,8 @@ gives a block per use; the uses' gradients add up.
 
 Which modules take this path is decided from the model's structure alone (module type and options,
 where its parameters are used, where its inputs hold the batch), never by comparing numbers, so
-that it holds under TF32, autocast and half precision. Modules with parameters that are not supported
+that it holds under TF32, autocast and half precision (:mod:`lightning_ntk.blocks`; attention is
+rewritten by :mod:`lightning_ntk.attention`). Modules with parameters that are not supported
 fall back, per module, to the generic ``torch.func`` path of
 :class:`~lightning_ntk.jacobian.PerExampleGradients`; a warning names them and says why.
 """
@@ -29,12 +30,10 @@ fall back, per module, to the generic ``torch.func`` path of
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections import Counter
 import warnings
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
@@ -43,228 +42,10 @@ from torch.func import vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
+from .attention import PackedProjection, explicit_attention
+from .blocks import BATCH_NORM_TYPES, CONV_TYPES, SCALE_TYPES, Block, BlockKind, plan_blocks, supported_attentions
 from .jacobian import DEFAULT_MEMORY_BUDGET, ParamSelection, PerExampleGradients, _autograd_on, check_logits, eval_mode, refuse_batch_statistics, select_parameters
 from .task import Task, batch_size_of, differentiable, slice_inputs
-
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-SCALE_TYPES = BATCH_NORM_TYPES + (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-SUPPORTED_TYPES = (nn.Linear, nn.Embedding, nn.MultiheadAttention) + CONV_TYPES + SCALE_TYPES
-
-
-class BlockKind(str, Enum):
-    """How a block's per-example gradient matrix ``G`` (``rows × cols``) is made from its signals (the
-    layouts of :class:`LayerSignals`); a ``str``, so that a kind compares equal to its name."""
-
-    OUTER = "outer"  # Linear, ConvNd, an attention's in-projection: G = Σ_t δ_t a_tᵀ over positions t
-    EMBEDDING = "embedding"  # nn.Embedding: each position's gradient row δ_t added to the row of its token
-    SCALE = "scale"  # a normalisation's affine: one row, Σ_t δ_t ⊙ x̂_t for the weight, then Σ_t δ_t for the bias
-    FLAT = "flat"  # per-example gradients formed already (modules that fell back): one row, as it is
-
-
-@dataclass(frozen=True)
-class Block:
-    """The selected parameters of one module, seen as one gradient matrix ``G`` of ``rows × cols``.
-
-    ``OUTER`` (Linear, ConvNd): rows are output channels, columns the input patch (``in/groups ·
-    kernel``) then a column for the bias; ``EMBEDDING``: rows are tokens, columns the embedding
-    dimension; ``SCALE`` (normalisation affine): one row, the weight's then the bias's entries;
-    ``FLAT``: one row holding the per-example gradients of the modules that fell back. ``transposed``:
-    the weight is stored ``[in, out]`` (Hugging Face's ``Conv1D``), the transpose of ``G``'s weight columns.
-    """
-
-    name: str
-    kind: BlockKind
-    params: tuple[str, ...]
-    rows: int
-    cols: int
-    groups: int = 1
-    shapes: tuple[torch.Size, ...] = ()
-    module: nn.Module | None = field(default=None, compare=False, repr=False)
-    transposed: bool = False
-    # a convolution's patch indices by input shape, columns and device: they live as long as the block's
-    # LayerGradients (the featurizer), not the process
-    patch_indices: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def size(self) -> int:
-        return self.rows * self.cols
-
-
-def _is_transposed_linear(module: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer ``x W + b`` with its weight stored ``[in, out]``."""
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
-
-
-def _outer_block(name: str, module: nn.Module, own: dict[str, str]) -> Block:
-    """``own``: the chosen parameters of the module, from their name in it to their name in the model."""
-    groups = getattr(module, "groups", 1)
-    transposed = _is_transposed_linear(module)
-    rows, patch = (module.weight.shape[1], module.weight.shape[0]) if transposed else (module.weight.shape[0], module.weight[0].numel())
-    cols = (patch if "weight" in own else 0) + (1 if "bias" in own else 0)
-    names = tuple(own[k] for k in ("weight", "bias") if k in own)
-    shapes = tuple(getattr(module, k).shape for k in ("weight", "bias") if k in own)
-    return Block(name, BlockKind.OUTER, names, rows, cols, groups, shapes, module, transposed)
-
-
-class _PackedProjection(nn.Module):
-    """The in-projection of an ``nn.MultiheadAttention``: three linear maps with the rows of its packed
-    ``in_proj_weight``/``in_proj_bias``, of the query, key and value laid out ``[B, T, 3, E]`` (a grouped
-    linear layer, ``groups = 3``), to ``[B, T, 3E]``. Not a submodule of the model: the attention's
-    forward calls it while the structured path runs (see :func:`_explicit_attention`)."""
-
-    groups = 3
-
-    def __init__(self, attention: nn.MultiheadAttention):
-        super().__init__()
-        self.attention = [attention]  # in a list: not registered as a submodule
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: the query, key and value ``[B, T, 3, E]``, or ``[B, T, E]`` when they are one tensor
-        (self-attention): then a plain linear layer of ``3E`` outputs (one group)."""
-        attention = self.attention[0]
-        if x.dim() == 3:
-            return F.linear(x, attention.in_proj_weight, attention.in_proj_bias)
-        e = attention.embed_dim
-        out = torch.einsum("btgi,goi->btgo", x, attention.in_proj_weight.view(3, e, e))
-        if attention.in_proj_bias is not None:
-            out = out + attention.in_proj_bias.view(3, e)
-        return out.flatten(2)
-
-
-def _attention_forward(attention: nn.MultiheadAttention, projection: _PackedProjection, query: torch.Tensor, key: torch.Tensor,
-                       value: torch.Tensor, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
-    """``nn.MultiheadAttention.forward`` with its in-projection and output projection run as modules on
-    batch-first inputs, so that their hooks see them; the attention itself by
-    ``F.multi_head_attention_forward`` with identity projections (exact), or, for self-attention
-    without weights returned or masks other than padding (as ``nn.TransformerEncoderLayer`` calls it),
-    by ``F.scaled_dot_product_attention`` on the batch-first heads, which is what that function
-    computes then, without the identity products and the sequence-first copies."""
-    if query.dim() != 3:
-        raise ValueError("The structured path needs batched inputs of nn.MultiheadAttention ([B, T, E] or [T, B, E]).")
-    one_input = query is key is value  # self-attention: one input, projected as one linear layer
-    if not attention.batch_first:
-        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    tq, tk, e = query.shape[1], key.shape[1], attention.embed_dim
-    if one_input and not need_weights and attn_mask is None and not is_causal:
-        heads = attention.num_heads
-        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in projection(query).split(e, dim=-1))
-        mask = None
-        if key_padding_mask is not None:
-            mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask", other_type=None, other_name="", target_type=q.dtype)
-            mask = mask.view(query.shape[0], 1, 1, tk)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attention.dropout if attention.training else 0.0)
-        out = attention.out_proj(out.transpose(1, 2).flatten(2))
-        return (out if attention.batch_first else out.transpose(0, 1)), None
-    if one_input:
-        q, k, v = (t.transpose(0, 1) for t in projection(query).split(e, dim=-1))
-    else:
-        length = max(tq, tk)  # positions beyond a sequence's end are zeros, which add nothing to the gradient
-        stacked = torch.stack([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in (query, key, value)], dim=2)
-        projected = projection(stacked).unflatten(-1, (3, e))
-        q, k, v = (projected[:, :n, i].transpose(0, 1) for i, n in enumerate((tq, tk, tk)))
-    eye = torch.eye(e, dtype=q.dtype, device=q.device)
-    out, weights = F.multi_head_attention_forward(
-        q, k, v, e, attention.num_heads, None, None, None, None, False, attention.dropout, eye, None,
-        training=attention.training, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-        use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
-        average_attn_weights=average_attn_weights, is_causal=is_causal,
-    )
-    out = attention.out_proj(out.transpose(0, 1))
-    return (out if attention.batch_first else out.transpose(0, 1)), weights
-
-
-@contextlib.contextmanager
-def _explicit_attention(model: nn.Module, blocks: list[Block]) -> Iterator[None]:
-    """Every supported ``nn.MultiheadAttention`` of the model runs :func:`_attention_forward` meanwhile,
-    with the in-projection of its block (a fresh one if its parameters are not chosen)."""
-    projections = {id(blk.module.attention[0]): blk.module for blk in blocks if isinstance(blk.module, _PackedProjection)}
-    patched = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and _supported(m)]
-    for m in patched:
-        m.forward = functools.partial(_attention_forward, m, projections.get(id(m)) or _PackedProjection(m))
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
-
-
-def _tie_shares(blocks: list[Block]) -> set[str]:
-    """The blocks that hold a parameter which other blocks hold too (tied weights) and cannot share its
-    sketch: sharing needs every use to hold that parameter alone, laid out as the parameter (rows are
-    its first dimension), in gradient matrices of the same shape."""
-    holders: dict[str, list[Block]] = {}
-    for blk in blocks:
-        for n in blk.params:
-            holders.setdefault(n, []).append(blk)
-    refused = set()
-    for group in holders.values():
-        if len(group) > 1 and not all(
-            len(blk.params) == 1 and blk.kind in (BlockKind.OUTER, BlockKind.EMBEDDING) and blk.groups == 1 and not blk.transposed
-            and (blk.rows, blk.cols) == (group[0].rows, group[0].cols)
-            for blk in group
-        ):
-            refused.update(blk.name for blk in group)
-    return refused
-
-
-def _supported(module: nn.Module) -> bool:
-    """Whether the module's gradient is structured as this module knows it: exact types only (a subclass
-    may change forward), no options that make gradients depend on more than the signals."""
-    if not (type(module) in SUPPORTED_TYPES or _is_transposed_linear(module)) or "forward" in vars(module):
-        return False
-    held = {k for k, p in module._parameters.items() if p is not None}
-    if isinstance(module, nn.MultiheadAttention):  # one packed in-projection of inputs of one width
-        return module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn and held <= {"in_proj_weight", "in_proj_bias"}
-    if not held <= {"weight", "bias"}:  # e.g. the weight_g/weight_v of weight_norm
-        return False
-    if isinstance(module, CONV_TYPES):
-        return module.padding_mode in ("zeros", "reflect", "replicate", "circular")
-    if isinstance(module, nn.Embedding):
-        return module.max_norm is None and not module.scale_grad_by_freq
-    if isinstance(module, BATCH_NORM_TYPES):
-        return module.track_running_stats and module.running_mean is not None
-    return True
-
-
-def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list[Block], list[str]]:
-    """Split the chosen parameters into structured blocks and the names of the modules that fall back.
-
-    A parameter used by several modules (tied weights) gives a block for each use, whose gradients add
-    up: their sketches share a hash (see :func:`~lightning_ntk.projection.hash_positions`), and exact
-    kernels form their sum (see :func:`gram_factors`). Where the uses cannot be laid out alike (see
-    :func:`_tie_shares`), or one of them is not supported, all of them fall back.
-    """
-    names_of = {id(p): n for n, p in chosen.items()}
-    # the output projection of a supported attention runs as a module (see _explicit_attention)
-    attention_outputs = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention) and _supported(m)}
-    blocks, fallback = [], []
-    seen: set[int] = set()
-    for name, module in model.named_modules(remove_duplicate=False):
-        own = {k: names_of[id(p)] for k, p in module._parameters.items() if p is not None and id(p) in names_of}
-        if not own or id(module) in seen:
-            continue
-        seen.add(id(module))
-        if not (_supported(module) or id(module) in attention_outputs and "forward" not in vars(module)):
-            fallback.append(name)
-        elif isinstance(module, nn.MultiheadAttention):
-            weight, bias = (k in own for k in ("in_proj_weight", "in_proj_bias"))
-            names = tuple(own[k] for k in ("in_proj_weight", "in_proj_bias") if k in own)
-            shapes = tuple(getattr(module, k).shape for k in ("in_proj_weight", "in_proj_bias") if k in own)
-            e = module.embed_dim
-            blocks.append(Block(name, BlockKind.OUTER, names, 3 * e, e * weight + bias, 3, shapes, _PackedProjection(module)))
-        elif isinstance(module, nn.Embedding):
-            blocks.append(Block(name, BlockKind.EMBEDDING, tuple(own.values()), module.num_embeddings, module.embedding_dim, 1, (module.weight.shape,), module))
-        elif isinstance(module, SCALE_TYPES):
-            shapes = tuple(getattr(module, k).shape for k in own)
-            blocks.append(Block(name, BlockKind.SCALE, tuple(own.values()), 1, sum(map(math.prod, shapes)), 1, shapes, module))
-        else:
-            blocks.append(_outer_block(name, module, own))
-    refused = _tie_shares(blocks)
-    held_by_fallback = {names_of[id(p)] for name in fallback for p in model.get_submodule(name).parameters(recurse=False) if id(p) in names_of}
-    fallback += [blk.name for blk in blocks if blk.name in refused or set(blk.params) & held_by_fallback]
-    return [blk for blk in blocks if blk.name not in fallback], fallback
-
 
 # -- layer inputs and output gradients -------------------------------------------------------------
 
@@ -303,7 +84,7 @@ def _patches(blk: Block, x: torch.Tensor, order: torch.Tensor | None = None) -> 
     module, with_weight, with_bias = blk.module, any(n.endswith("weight") for n in blk.params), blk.params[-1].endswith("bias")
     b = x.shape[0]
     if not isinstance(module, CONV_TYPES):  # Linear, Conv1D, an attention's in-projection (3 groups)
-        source = x.reshape(b, -1, 3 if isinstance(module, _PackedProjection) and x.dim() == 4 else 1, x.shape[-1])
+        source = x.reshape(b, -1, 3 if isinstance(module, PackedProjection) and x.dim() == 4 else 1, x.shape[-1])
         parts = ([source] if with_weight else []) + ([source.new_ones(*source.shape[:3], 1)] if with_bias else [])
         a = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
         return a if order is None else gather_columns(a, order)
@@ -738,7 +519,7 @@ class LayerGradients:
 
         handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
         try:
-            with _explicit_attention(self.model, self.blocks):
+            with explicit_attention(supported_attentions(self.model), self.blocks):
                 logits = check_logits(self.task.forward(self.model, inputs), batch_size_of(inputs))
         finally:
             for h in handles:
@@ -833,7 +614,7 @@ class LayerGradients:
 
                 handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
                 try:
-                    with _explicit_attention(self.model, self.blocks):
+                    with explicit_attention(supported_attentions(self.model), self.blocks):
                         logits = check_logits(self.task.forward(self.model, sample), n)
                 finally:
                     for h in handles:
@@ -849,61 +630,3 @@ class LayerGradients:
         if around - wrong_batch:
             self._fall_back([blk.name for blk in self.blocks if blk.name in around],
                             "uses its parameters outside its own forward as well (e.g. a weight tied to another layer)")
-
-
-# -- exact kernels from signals ------------------------------------------------------------------------
-
-
-def gram_factors(signals: list[LayerSignals]) -> list[LayerSignals]:
-    """The signals in the form that is cheaper for exact inner products, block by block.
-
-    Linear-like blocks keep their factors (the Gram of a pair costs ``T·T'·(cols + C·rows)``); blocks
-    whose positions make that dearer than the gradient itself (``C·rows·cols``), and normalisation
-    blocks, are replaced by their formed per-example gradients, as ``flat`` blocks. The uses of a tied
-    weight are replaced by one ``flat`` block of their summed gradients.
-    """
-    uses = Counter(sig.block.params for sig in signals)
-    out, tied = [], {}
-    for sig in signals:
-        blk, classes = sig.block, sig.grads.shape[0]
-        if uses[blk.params] > 1:
-            keep = False
-        elif blk.kind == BlockKind.OUTER:
-            t = sig.inputs.shape[1]
-            keep = t * t * (blk.groups * blk.cols + classes * blk.rows) <= classes * blk.rows * blk.cols
-        else:
-            keep = blk.kind != BlockKind.SCALE
-        if keep:
-            out.append(sig)
-            continue
-        grads = sig.matrix().flatten(2).transpose(0, 1)
-        if blk.params in tied:
-            tied[blk.params].grads = tied[blk.params].grads + grads
-        else:
-            flat = Block(blk.name, BlockKind.FLAT, blk.params, 1, blk.size, 1, blk.shapes, blk.module)
-            out.append(LayerSignals(flat, None, grads))
-            if uses[blk.params] > 1:
-                tied[blk.params] = out[-1]
-    return out
-
-
-def signal_gram(signals_a: list[LayerSignals], signals_b: list[LayerSignals]) -> torch.Tensor:
-    """``Σ_c <G_c(x), G_c(x')>`` between the examples of two batches, ``[Ba, Bb]``, summed over blocks:
-    ``(δ·δ')(a·a')`` summed over positions for linear-like blocks, token matches for embeddings."""
-    total = None
-    for sa, sb in zip(signals_a, signals_b):
-        kind = sa.block.kind
-        if kind == BlockKind.FLAT:
-            k = torch.einsum("cbp,csp->bs", sa.grads, sb.grads)
-        elif kind == BlockKind.OUTER:
-            g = sa.inputs.shape[2]
-            da, db = (s.grads.unflatten(-1, (g, -1)) for s in (sa, sb))  # [C, B, T, g, rows/g]
-            same_inputs = torch.einsum("btgi,sugi->gbtsu", sa.inputs, sb.inputs)
-            same_grads = torch.einsum("cbtgo,csugo->gbtsu", da, db)
-            k = (same_inputs * same_grads).sum((0, 2, 4))
-        else:  # embedding: a token's one-hot inputs match only the same token
-            same_inputs = sa.inputs[:, :, None, None] == sb.inputs[None, None]
-            same_grads = torch.einsum("cbtj,csuj->btsu", sa.grads, sb.grads)
-            k = (same_grads * same_inputs).sum((1, 3))
-        total = k if total is None else total + k
-    return total

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .jacobian import DEFAULT_MEMORY_BUDGET
-from .layers import Block, BlockKind, gather_columns, hash_positions
+from .blocks import Block, BlockKind
+from .layers import gather_columns, hash_positions
 
 DENSE_KINDS = ("rademacher", "gaussian")
 PROJECTOR_KINDS = DENSE_KINDS + ("sketch",)

@@ -8,10 +8,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "lightning_ntk"
 
 # ARCHITECTURE.md's diagram, stage by stage: each may import any module of an earlier stage or its own
-# (layers falls back to jacobian; attribution takes predictions from metrics).
+# (layers plans blocks, rewrites attention and falls back to jacobian; attribution takes predictions from metrics).
 STAGES = [
     ["task"],
-    ["jacobian", "layers"],
+    ["jacobian", "attention", "blocks", "layers"],
     ["projection"],
     ["featurize"],
     ["kernels"],
