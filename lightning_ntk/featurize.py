@@ -23,9 +23,9 @@ from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from .config import ProjectionConfig, SubsetConfig
-from .jacobian import NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, non_finite_raises, state_fingerprint
-from .layers import CONV_TYPES, LayerGradients
-from .projection import DEFAULT_MEMORY_BUDGET, RandomProjector, SketchProjector, bfloat16_products
+from .jacobian import DEFAULT_MEMORY_BUDGET, NonFiniteGradientError, ParamSelection, PerExampleGradients, all_finite, check_logits, eval_mode, non_finite_raises, state_fingerprint
+from .layers import CONV_TYPES, LayerGradients, SignalProjector
+from .projection import RandomProjector, SketchProjector, bfloat16_products
 from .registry import get_kernel, names, projected
 from .task import Task, batch_size_of, is_raw_inputs, iter_batches, move_inputs, slice_inputs
 
@@ -223,7 +223,8 @@ class Featurizer:
 
     def spec(self) -> FeatureSpec:
         device, dtype = model_device_dtype(self.model)
-        bfloat16 = isinstance(self.projector, SketchProjector) and bfloat16_products(self.projector.product_precision, dtype, device)
+        # a projector without a choice of product precision multiplies in the signals' own
+        bfloat16 = bfloat16_products(getattr(self.projector, "product_precision", "float32"), dtype, device)
         return FeatureSpec(
             kind=self.kernel.family,
             projection_dim=self.projector.projection_dim,
@@ -238,7 +239,7 @@ class Featurizer:
         """The batch's features; ``with_logits``: and the model's eval-mode logits ``[B, C]``, which the
         sketch takes from its own forward pass (the dense projections, and a sketch whose modules all
         fell back, run one more)."""
-        if isinstance(self.projector, SketchProjector):
+        if isinstance(self.projector, SignalProjector):  # it projects layer signals inside the backward pass
             features, logits = self._sketch(inputs)
         else:
             features = torch.cat([self.projector.project(grads) for _, grads in self.gradients.chunks(inputs, self.summed)])

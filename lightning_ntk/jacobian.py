@@ -19,8 +19,9 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .projection import DEFAULT_MEMORY_BUDGET
 from .task import Task, batch_size_of, differentiable, slice_inputs
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes: the largest buffer a featurization step may allocate
 
 ParamSelection = Union[None, str, nn.Module, Sequence[Union[str, nn.Module]]]
 

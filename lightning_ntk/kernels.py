@@ -9,6 +9,7 @@ never need the full ``N×N`` matrix.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -18,7 +19,8 @@ from torch import nn
 from .config import ProjectionConfig, SubsetConfig
 from .featurize import embedding_features, gradient_features, stream_batches
 from .jacobian import ParamSelection
-from .layers import LayerGradients, gram_factors, signal_gram
+from .blocks import Block, BlockKind
+from .layers import LayerGradients, LayerSignals
 from .projection import bfloat16_products
 from .registry import Kernel, get_kernel, names
 from .task import Task
@@ -256,7 +258,7 @@ def factored_kernel(
     """The exact trNTK (``trntk``), trNTK⁰ (``trntk0``) or pNTK (``pntk``), ``[Na, Nb]``, from per-layer
     signals (:class:`~lightning_ntk.layers.LayerGradients`): ``Σ_c (δ_c·δ'_c)(a·a')`` for linear
     layers, summed over positions for convolutions, so per-example gradients are formed only for
-    layers where that is cheaper (see :func:`~lightning_ntk.layers.gram_factors`).
+    layers where that is cheaper (see :func:`gram_factors`).
 
     Memory: the signals of all of A and B.
     """
@@ -282,3 +284,61 @@ def factored_kernel(
     norms_b = norms_a if inputs_b is None else norms(batches_b)
     tiny = torch.finfo(gram.dtype).tiny
     return gram / norms_a.clamp_min(tiny)[:, None] / norms_b.clamp_min(tiny)[None, :]
+
+
+# -- exact kernels from signals ------------------------------------------------------------------------
+
+
+def gram_factors(signals: list[LayerSignals]) -> list[LayerSignals]:
+    """The signals in the form that is cheaper for exact inner products, block by block.
+
+    Linear-like blocks keep their factors (the Gram of a pair costs ``T·T'·(cols + C·rows)``); blocks
+    whose positions make that dearer than the gradient itself (``C·rows·cols``), and normalisation
+    blocks, are replaced by their formed per-example gradients, as ``flat`` blocks. The uses of a tied
+    weight are replaced by one ``flat`` block of their summed gradients.
+    """
+    uses = Counter(sig.block.params for sig in signals)
+    out, tied = [], {}
+    for sig in signals:
+        blk, classes = sig.block, sig.grads.shape[0]
+        if uses[blk.params] > 1:
+            keep = False
+        elif blk.kind == BlockKind.OUTER:
+            t = sig.inputs.shape[1]
+            keep = t * t * (blk.groups * blk.cols + classes * blk.rows) <= classes * blk.rows * blk.cols
+        else:
+            keep = blk.kind != BlockKind.SCALE
+        if keep:
+            out.append(sig)
+            continue
+        grads = sig.matrix().flatten(2).transpose(0, 1)
+        if blk.params in tied:
+            tied[blk.params].grads = tied[blk.params].grads + grads
+        else:
+            flat = Block(blk.name, BlockKind.FLAT, blk.params, 1, blk.size, 1, blk.shapes, blk.module)
+            out.append(LayerSignals(flat, None, grads))
+            if uses[blk.params] > 1:
+                tied[blk.params] = out[-1]
+    return out
+
+
+def signal_gram(signals_a: list[LayerSignals], signals_b: list[LayerSignals]) -> torch.Tensor:
+    """``Σ_c <G_c(x), G_c(x')>`` between the examples of two batches, ``[Ba, Bb]``, summed over blocks:
+    ``(δ·δ')(a·a')`` summed over positions for linear-like blocks, token matches for embeddings."""
+    total = None
+    for sa, sb in zip(signals_a, signals_b):
+        kind = sa.block.kind
+        if kind == BlockKind.FLAT:
+            k = torch.einsum("cbp,csp->bs", sa.grads, sb.grads)
+        elif kind == BlockKind.OUTER:
+            g = sa.inputs.shape[2]
+            da, db = (s.grads.unflatten(-1, (g, -1)) for s in (sa, sb))  # [C, B, T, g, rows/g]
+            same_inputs = torch.einsum("btgi,sugi->gbtsu", sa.inputs, sb.inputs)
+            same_grads = torch.einsum("cbtgo,csugo->gbtsu", da, db)
+            k = (same_inputs * same_grads).sum((0, 2, 4))
+        else:  # embedding: a token's one-hot inputs match only the same token
+            same_inputs = sa.inputs[:, :, None, None] == sb.inputs[None, None]
+            same_grads = torch.einsum("cbtj,csuj->btsu", sa.grads, sb.grads)
+            k = (same_grads * same_inputs).sum((1, 3))
+        total = k if total is None else total + k
+    return total

@@ -21,7 +21,8 @@ gives a block per use; the uses' gradients add up.
 
 Which modules take this path is decided from the model's structure alone (module type and options,
 where its parameters are used, where its inputs hold the batch), never by comparing numbers, so
-that it holds under TF32, autocast and half precision. Modules with parameters that are not supported
+that it holds under TF32, autocast and half precision (:mod:`lightning_ntk.blocks`; attention is
+rewritten by :mod:`lightning_ntk.attention`). Modules with parameters that are not supported
 fall back, per module, to the generic ``torch.func`` path of
 :class:`~lightning_ntk.jacobian.PerExampleGradients`; a warning names them and says why.
 """
@@ -29,12 +30,11 @@ fall back, per module, to the generic ``torch.func`` path of
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections import Counter
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -42,221 +42,17 @@ from torch.func import vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
-from .jacobian import ParamSelection, PerExampleGradients, _autograd_on, check_logits, eval_mode, refuse_batch_statistics, select_parameters
-from .projection import DEFAULT_MEMORY_BUDGET, SketchTotal, gather_columns, hash_positions
+from .attention import PackedProjection, explicit_attention
+from .blocks import BATCH_NORM_TYPES, CONV_TYPES, SCALE_TYPES, Block, BlockKind, plan_blocks, supported_attentions
+from .jacobian import DEFAULT_MEMORY_BUDGET, ParamSelection, PerExampleGradients, _autograd_on, check_logits, eval_mode, refuse_batch_statistics, select_parameters
 from .task import Task, batch_size_of, differentiable, slice_inputs
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-SCALE_TYPES = BATCH_NORM_TYPES + (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-SUPPORTED_TYPES = (nn.Linear, nn.Embedding, nn.MultiheadAttention) + CONV_TYPES + SCALE_TYPES
-
-
-@dataclass(frozen=True)
-class Block:
-    """The selected parameters of one module, seen as one gradient matrix ``G`` of ``rows × cols``.
-
-    ``outer`` (Linear, ConvNd): rows are output channels, columns the input patch (``in/groups ·
-    kernel``) then a column for the bias; ``embedding``: rows are tokens, columns the embedding
-    dimension; ``scale`` (normalisation affine): one row, the weight's then the bias's entries;
-    ``flat``: one row holding the per-example gradients of the modules that fell back. ``transposed``:
-    the weight is stored ``[in, out]`` (Hugging Face's ``Conv1D``), the transpose of ``G``'s weight columns.
-    """
-
-    name: str
-    kind: str
-    params: tuple[str, ...]
-    rows: int
-    cols: int
-    groups: int = 1
-    shapes: tuple[torch.Size, ...] = ()
-    module: nn.Module | None = field(default=None, compare=False, repr=False)
-    transposed: bool = False
-    # a convolution's patch indices by input shape, columns and device: they live as long as the block's
-    # LayerGradients (the featurizer), not the process
-    patch_indices: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def size(self) -> int:
-        return self.rows * self.cols
-
-
-def _is_transposed_linear(module: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer ``x W + b`` with its weight stored ``[in, out]``."""
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
-
-
-def _outer_block(name: str, module: nn.Module, own: dict[str, str]) -> Block:
-    """``own``: the chosen parameters of the module, from their name in it to their name in the model."""
-    groups = getattr(module, "groups", 1)
-    transposed = _is_transposed_linear(module)
-    rows, patch = (module.weight.shape[1], module.weight.shape[0]) if transposed else (module.weight.shape[0], module.weight[0].numel())
-    cols = (patch if "weight" in own else 0) + (1 if "bias" in own else 0)
-    names = tuple(own[k] for k in ("weight", "bias") if k in own)
-    shapes = tuple(getattr(module, k).shape for k in ("weight", "bias") if k in own)
-    return Block(name, "outer", names, rows, cols, groups, shapes, module, transposed)
-
-
-class _PackedProjection(nn.Module):
-    """The in-projection of an ``nn.MultiheadAttention``: three linear maps with the rows of its packed
-    ``in_proj_weight``/``in_proj_bias``, of the query, key and value laid out ``[B, T, 3, E]`` (a grouped
-    linear layer, ``groups = 3``), to ``[B, T, 3E]``. Not a submodule of the model: the attention's
-    forward calls it while the structured path runs (see :func:`_explicit_attention`)."""
-
-    groups = 3
-
-    def __init__(self, attention: nn.MultiheadAttention):
-        super().__init__()
-        self.attention = [attention]  # in a list: not registered as a submodule
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: the query, key and value ``[B, T, 3, E]``, or ``[B, T, E]`` when they are one tensor
-        (self-attention): then a plain linear layer of ``3E`` outputs (one group)."""
-        attention = self.attention[0]
-        if x.dim() == 3:
-            return F.linear(x, attention.in_proj_weight, attention.in_proj_bias)
-        e = attention.embed_dim
-        out = torch.einsum("btgi,goi->btgo", x, attention.in_proj_weight.view(3, e, e))
-        if attention.in_proj_bias is not None:
-            out = out + attention.in_proj_bias.view(3, e)
-        return out.flatten(2)
-
-
-def _attention_forward(attention: nn.MultiheadAttention, projection: _PackedProjection, query: torch.Tensor, key: torch.Tensor,
-                       value: torch.Tensor, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
-    """``nn.MultiheadAttention.forward`` with its in-projection and output projection run as modules on
-    batch-first inputs, so that their hooks see them; the attention itself by
-    ``F.multi_head_attention_forward`` with identity projections (exact), or, for self-attention
-    without weights returned or masks other than padding (as ``nn.TransformerEncoderLayer`` calls it),
-    by ``F.scaled_dot_product_attention`` on the batch-first heads, which is what that function
-    computes then, without the identity products and the sequence-first copies."""
-    if query.dim() != 3:
-        raise ValueError("The structured path needs batched inputs of nn.MultiheadAttention ([B, T, E] or [T, B, E]).")
-    one_input = query is key is value  # self-attention: one input, projected as one linear layer
-    if not attention.batch_first:
-        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    tq, tk, e = query.shape[1], key.shape[1], attention.embed_dim
-    if one_input and not need_weights and attn_mask is None and not is_causal:
-        heads = attention.num_heads
-        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in projection(query).split(e, dim=-1))
-        mask = None
-        if key_padding_mask is not None:
-            mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask", other_type=None, other_name="", target_type=q.dtype)
-            mask = mask.view(query.shape[0], 1, 1, tk)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attention.dropout if attention.training else 0.0)
-        out = attention.out_proj(out.transpose(1, 2).flatten(2))
-        return (out if attention.batch_first else out.transpose(0, 1)), None
-    if one_input:
-        q, k, v = (t.transpose(0, 1) for t in projection(query).split(e, dim=-1))
-    else:
-        length = max(tq, tk)  # positions beyond a sequence's end are zeros, which add nothing to the gradient
-        stacked = torch.stack([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in (query, key, value)], dim=2)
-        projected = projection(stacked).unflatten(-1, (3, e))
-        q, k, v = (projected[:, :n, i].transpose(0, 1) for i, n in enumerate((tq, tk, tk)))
-    eye = torch.eye(e, dtype=q.dtype, device=q.device)
-    out, weights = F.multi_head_attention_forward(
-        q, k, v, e, attention.num_heads, None, None, None, None, False, attention.dropout, eye, None,
-        training=attention.training, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-        use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
-        average_attn_weights=average_attn_weights, is_causal=is_causal,
-    )
-    out = attention.out_proj(out.transpose(0, 1))
-    return (out if attention.batch_first else out.transpose(0, 1)), weights
-
-
-@contextlib.contextmanager
-def _explicit_attention(model: nn.Module, blocks: list[Block]) -> Iterator[None]:
-    """Every supported ``nn.MultiheadAttention`` of the model runs :func:`_attention_forward` meanwhile,
-    with the in-projection of its block (a fresh one if its parameters are not chosen)."""
-    projections = {id(blk.module.attention[0]): blk.module for blk in blocks if isinstance(blk.module, _PackedProjection)}
-    patched = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and _supported(m)]
-    for m in patched:
-        m.forward = functools.partial(_attention_forward, m, projections.get(id(m)) or _PackedProjection(m))
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
-
-
-def _tie_shares(blocks: list[Block]) -> set[str]:
-    """The blocks that hold a parameter which other blocks hold too (tied weights) and cannot share its
-    sketch: sharing needs every use to hold that parameter alone, laid out as the parameter (rows are
-    its first dimension), in gradient matrices of the same shape."""
-    holders: dict[str, list[Block]] = {}
-    for blk in blocks:
-        for n in blk.params:
-            holders.setdefault(n, []).append(blk)
-    refused = set()
-    for group in holders.values():
-        if len(group) > 1 and not all(
-            len(blk.params) == 1 and blk.kind in ("outer", "embedding") and blk.groups == 1 and not blk.transposed
-            and (blk.rows, blk.cols) == (group[0].rows, group[0].cols)
-            for blk in group
-        ):
-            refused.update(blk.name for blk in group)
-    return refused
-
-
-def _supported(module: nn.Module) -> bool:
-    """Whether the module's gradient is structured as this module knows it: exact types only (a subclass
-    may change forward), no options that make gradients depend on more than the signals."""
-    if not (type(module) in SUPPORTED_TYPES or _is_transposed_linear(module)) or "forward" in vars(module):
-        return False
-    held = {k for k, p in module._parameters.items() if p is not None}
-    if isinstance(module, nn.MultiheadAttention):  # one packed in-projection of inputs of one width
-        return module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn and held <= {"in_proj_weight", "in_proj_bias"}
-    if not held <= {"weight", "bias"}:  # e.g. the weight_g/weight_v of weight_norm
-        return False
-    if isinstance(module, CONV_TYPES):
-        return module.padding_mode in ("zeros", "reflect", "replicate", "circular")
-    if isinstance(module, nn.Embedding):
-        return module.max_norm is None and not module.scale_grad_by_freq
-    if isinstance(module, BATCH_NORM_TYPES):
-        return module.track_running_stats and module.running_mean is not None
-    return True
-
-
-def plan_blocks(model: nn.Module, chosen: dict[str, nn.Parameter]) -> tuple[list[Block], list[str]]:
-    """Split the chosen parameters into structured blocks and the names of the modules that fall back.
-
-    A parameter used by several modules (tied weights) gives a block for each use, whose gradients add
-    up: their sketches share a hash (see :func:`~lightning_ntk.projection.hash_positions`), and exact
-    kernels form their sum (see :func:`gram_factors`). Where the uses cannot be laid out alike (see
-    :func:`_tie_shares`), or one of them is not supported, all of them fall back.
-    """
-    names_of = {id(p): n for n, p in chosen.items()}
-    # the output projection of a supported attention runs as a module (see _explicit_attention)
-    attention_outputs = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention) and _supported(m)}
-    blocks, fallback = [], []
-    seen: set[int] = set()
-    for name, module in model.named_modules(remove_duplicate=False):
-        own = {k: names_of[id(p)] for k, p in module._parameters.items() if p is not None and id(p) in names_of}
-        if not own or id(module) in seen:
-            continue
-        seen.add(id(module))
-        if not (_supported(module) or id(module) in attention_outputs and "forward" not in vars(module)):
-            fallback.append(name)
-        elif isinstance(module, nn.MultiheadAttention):
-            weight, bias = (k in own for k in ("in_proj_weight", "in_proj_bias"))
-            names = tuple(own[k] for k in ("in_proj_weight", "in_proj_bias") if k in own)
-            shapes = tuple(getattr(module, k).shape for k in ("in_proj_weight", "in_proj_bias") if k in own)
-            e = module.embed_dim
-            blocks.append(Block(name, "outer", names, 3 * e, e * weight + bias, 3, shapes, _PackedProjection(module)))
-        elif isinstance(module, nn.Embedding):
-            blocks.append(Block(name, "embedding", tuple(own.values()), module.num_embeddings, module.embedding_dim, 1, (module.weight.shape,), module))
-        elif isinstance(module, SCALE_TYPES):
-            shapes = tuple(getattr(module, k).shape for k in own)
-            blocks.append(Block(name, "scale", tuple(own.values()), 1, sum(map(math.prod, shapes)), 1, shapes, module))
-        else:
-            blocks.append(_outer_block(name, module, own))
-    refused = _tie_shares(blocks)
-    held_by_fallback = {names_of[id(p)] for name in fallback for p in model.get_submodule(name).parameters(recurse=False) if id(p) in names_of}
-    fallback += [blk.name for blk in blocks if blk.name in refused or set(blk.params) & held_by_fallback]
-    return [blk for blk in blocks if blk.name not in fallback], fallback
-
-
 # -- layer inputs and output gradients -------------------------------------------------------------
+
+
+def gather_columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[..., index]``, gathered as a matrix (much faster than along the last of several dimensions)."""
+    return x.reshape(-1, x.shape[-1]).index_select(1, index).view(*x.shape[:-1], len(index))
 
 
 def _patch_index(shape: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...], groups: int,
@@ -288,7 +84,7 @@ def _patches(blk: Block, x: torch.Tensor, order: torch.Tensor | None = None) -> 
     module, with_weight, with_bias = blk.module, any(n.endswith("weight") for n in blk.params), blk.params[-1].endswith("bias")
     b = x.shape[0]
     if not isinstance(module, CONV_TYPES):  # Linear, Conv1D, an attention's in-projection (3 groups)
-        source = x.reshape(b, -1, 3 if isinstance(module, _PackedProjection) and x.dim() == 4 else 1, x.shape[-1])
+        source = x.reshape(b, -1, 3 if isinstance(module, PackedProjection) and x.dim() == 4 else 1, x.shape[-1])
         parts = ([source] if with_weight else []) + ([source.new_ones(*source.shape[:3], 1)] if with_bias else [])
         a = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
         return a if order is None else gather_columns(a, order)
@@ -326,9 +122,9 @@ def _normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _layer_inputs(blk: Block, x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
     """The input side of one call of a block, from the module's input, as :class:`LayerSignals` lays it out
     (an ``outer`` block's columns in ``order``, if given)."""
-    if blk.kind == "outer":
+    if blk.kind == BlockKind.OUTER:
         return _patches(blk, x, order)
-    if blk.kind == "scale":
+    if blk.kind == BlockKind.SCALE:
         return _normalised(blk.module, x)
     return x.reshape(x.shape[0], -1)  # embedding: the token ids
 
@@ -342,7 +138,7 @@ def _layer_grads(blk: Block, grad: torch.Tensor, inputs: torch.Tensor) -> torch.
         return grad.reshape(c, b, grad.shape[2], -1).transpose(2, 3)
     width = math.prod(module.normalized_shape) if isinstance(module, SCALE_TYPES) else grad.shape[-1]
     d = grad.reshape(c, b, -1, width)
-    if blk.kind == "embedding" and module.padding_idx is not None:
+    if blk.kind == BlockKind.EMBEDDING and module.padding_idx is not None:
         d = d * (inputs != module.padding_idx)[..., None]
     return d
 
@@ -365,13 +161,13 @@ class LayerSignals:
     def matrix(self) -> torch.Tensor:
         """The per-example gradient matrices ``[B, C, rows, cols]``."""
         blk, d = self.block, self.grads
-        if blk.kind == "flat":
+        if blk.kind == BlockKind.FLAT:
             return d.transpose(0, 1).unsqueeze(2)
         x = self.inputs
         c, b = d.shape[:2]
-        if blk.kind == "outer":
+        if blk.kind == BlockKind.OUTER:
             return torch.einsum("cbtgo,btgi->bcgoi", d.unflatten(-1, (x.shape[2], -1)), x).reshape(b, c, blk.rows, blk.cols)
-        if blk.kind == "embedding":
+        if blk.kind == BlockKind.EMBEDDING:
             index = x[:, None, :, None].expand(-1, c, -1, blk.cols)
             return d.new_zeros(b, c, blk.rows, blk.cols).scatter_add_(2, index, d.transpose(0, 1))
         parts = [torch.einsum("cbtd,btd->bcd", d, x) if p.endswith("weight") else d.sum(2).transpose(0, 1) for p in blk.params]
@@ -382,7 +178,7 @@ class LayerSignals:
         blk = self.block
         g = self.matrix()
         b, c = g.shape[:2]
-        if blk.kind == "outer":  # the weight's columns, then the bias column
+        if blk.kind == BlockKind.OUTER:  # the weight's columns, then the bias column
             with_bias = blk.params[-1].endswith("bias")
             grads = {}
             if blk.params[0].endswith("weight"):
@@ -394,6 +190,60 @@ class LayerSignals:
         sizes = [math.prod(shape) for shape in blk.shapes]
         parts = g.reshape(b, c, -1).split(sizes, dim=-1)
         return {n: part.reshape(b, c, *shape) for n, part, shape in zip(blk.params, parts, blk.shapes)}
+
+
+# -- what a projector of signals provides ----------------------------------------------------------
+
+
+def hash_positions(blocks: list[Block]) -> list[int]:
+    """The position in the layout whose hash each block uses: its own, or that of the first block holding
+    the same parameters (the uses of a weight tied between modules), so that their projections add up to
+    the projection of the weight's gradient."""
+    first: dict[tuple, int] = {}
+    return [first.setdefault(blk.params, position) for position, blk in enumerate(blocks)]
+
+
+class RunningSum(Protocol):
+    """The sum of blocks' projections ``[C, B, K]`` while :meth:`SignalProjector.sketch` adds blocks to it."""
+
+    def result(self) -> torch.Tensor:
+        """The finished sum ``[C, B, K]``: the tensor the sum was started on (:meth:`SignalProjector.running_sum`)."""
+
+
+@runtime_checkable
+class SignalProjector(Protocol):
+    """What :meth:`LayerGradients.project` needs of a projector: a linear map ``R`` (``K × P``) applied to
+    every block's gradient matrix from its signals (:class:`LayerSignals`), inside the backward pass.
+
+    A block is identified by its ``position`` in the layout (:func:`hash_positions`: the uses of a tied
+    weight share the position of the first, so that their projections add up) and its :class:`Block`
+    (``kind``, ``rows``, ``cols``, ``groups``, ``params``); ``R`` must depend only on those and the
+    projector's own options, never on the batch. Every block of every :class:`BlockKind` is given. The
+    projector sees one call of a module at a time, all classes at once; per call it is asked once for
+    :meth:`column_order` (``OUTER`` blocks only) and :meth:`prepare`, then :meth:`sketch` once per group
+    of classes (the classes' backward passes). Its result is ``[B, C, K]``: the sum over blocks and calls.
+    """
+
+    projection_dim: int  # K
+
+    def running_sum(self, out: torch.Tensor) -> RunningSum:
+        """A sum of projections that adds into ``out`` ``[C, B, K]`` (zeros) and returns it from ``result()``."""
+
+    def column_order(self, position: int, block: Block, device: torch.device) -> torch.Tensor | None:
+        """For an ``OUTER`` block: the order of the input columns (a permutation of ``range(cols)``) in
+        which :meth:`prepare` wants them, so that they are gathered in it at once; None for any order."""
+
+    def prepare(self, position: int, block: Block, inputs: torch.Tensor | None, dtype: torch.dtype, ordered: bool = False) -> Any:
+        """What :meth:`sketch` needs of a call's input side, the same for every class, from ``inputs`` laid
+        out as :class:`LayerSignals` lays them out (an ``OUTER`` block's columns in :meth:`column_order`
+        if ``ordered``); ``dtype``: the precision of the gradients to come."""
+
+    def sketch(self, position: int, block: Block, inputs: torch.Tensor | None, grads: torch.Tensor, prepared: Any = None,
+               into: RunningSum | None = None) -> RunningSum:
+        """Add ``R`` applied to the block's gradient matrices for every class, ``[C, B, K]``, to ``into`` (a new
+        sum if None) and return it; ``grads`` class-first as :class:`LayerSignals` lays them out; ``prepared``:
+        :meth:`prepare`'s result for this call (``inputs`` is then None), or None to prepare ``inputs`` here.
+        ``FLAT`` blocks come with ``inputs`` None and their formed gradients ``[C, B, cols]``."""
 
 
 # -- one forward pass, one backward pass for all classes -------------------------------------------
@@ -539,7 +389,7 @@ class LayerGradients:
         names = [n for n in self.params if n not in structured]
         self._fallback = PerExampleGradients(self.model, names, self.task, memory_budget=self.memory_budget) if names else None
         shapes = tuple(self.params[n].shape for n in names)
-        self._flat = Block("+".join(self.fallback_modules), "flat", tuple(names), 1, sum(map(math.prod, shapes)), 1, shapes) if names else None
+        self._flat = Block("+".join(self.fallback_modules), BlockKind.FLAT, tuple(names), 1, sum(map(math.prod, shapes)), 1, shapes) if names else None
         if modules:
             warnings.warn(
                 f"Per-example gradients of module(s) {', '.join(repr(m or '<model>') for m in modules)} use the generic "
@@ -573,7 +423,7 @@ class LayerGradients:
                     signals.append(LayerSignals(blk, *self._zero_signals(blk, logits, classes)))
                     continue
                 xs = [_layer_inputs(blk, call.input.detach()) for call, _ in mine]
-                if blk.kind == "outer":  # an attention's in-projection may have run on one input and on three
+                if blk.kind == BlockKind.OUTER:  # an attention's in-projection may have run on one input and on three
                     groups = max(x.shape[2] for x in xs)
                     xs = [x.expand(-1, -1, groups, -1) for x in xs]
                 ds = [_layer_grads(blk, g, x) for (_, g), x in zip(mine, xs)]
@@ -587,16 +437,16 @@ class LayerGradients:
     def _zero_signals(blk: Block, logits: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The inputs and gradients of a block whose module did not run: one position of zeros."""
         b = logits.shape[0]
-        if blk.kind == "outer":
+        if blk.kind == BlockKind.OUTER:
             return logits.new_zeros(b, 1, blk.groups, blk.cols), logits.new_zeros(classes, b, 1, blk.rows)
-        if blk.kind == "embedding":
+        if blk.kind == BlockKind.EMBEDDING:
             return torch.zeros(b, 1, dtype=torch.long, device=logits.device), logits.new_zeros(classes, b, 1, blk.cols)
         width = blk.cols // len(blk.params)
         return logits.new_zeros(b, 1, width), logits.new_zeros(classes, b, 1, width)
 
-    def project(self, inputs: Any, projector, summed: bool = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-        """``[B, C, K]`` (``C = 1`` when ``summed``): ``projector``'s sketch
-        (:class:`~lightning_ntk.projection.SketchProjector`) of every example's per-class gradients, the
+    def project(self, inputs: Any, projector: SignalProjector, summed: bool = False, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """``[B, C, K]`` (``C = 1`` when ``summed``): ``projector``'s projection (:class:`SignalProjector`, e.g.
+        :class:`~lightning_ntk.projection.SketchProjector`) of every example's per-class gradients, the
         structured blocks' sketched inside the backward pass, the fallback's chunk by chunk. ``with_logits``:
         also the logits ``[B, C]`` of the forward pass this takes (the model's eval-mode logits, detached),
         so that nobody runs another; None where every module fell back, so that none ran."""
@@ -606,7 +456,7 @@ class LayerGradients:
             param = next(iter(self.params.values()))
             dtype = torch.promote_types(param.dtype, torch.float32)
             sink = torch.zeros((), device=param.device, dtype=dtype, requires_grad=True)
-            target: list[SketchTotal] = []  # the sum of sketches of the classes being backpropagated
+            target: list[RunningSum] = []  # the sum of sketches of the classes being backpropagated
 
             def tap(call: _Call, output: torch.Tensor) -> torch.Tensor:
                 prepared = []  # the input side, prepared once for all classes
@@ -615,7 +465,7 @@ class LayerGradients:
                     autocast = torch.is_autocast_enabled(x.device.type)
                     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
                         if not prepared:
-                            order = projector.column_order(call.position, call.block, x.device) if call.block.kind == "outer" else None
+                            order = projector.column_order(call.position, call.block, x.device) if call.block.kind == BlockKind.OUTER else None
                             inputs = _layer_inputs(call.block, x, order)
                             prepared.append(projector.prepare(call.position, call.block, inputs, torch.promote_types(grads.dtype, torch.float32), order is not None))
                         projector.sketch(call.position, call.block, None, _layer_grads(call.block, grads, prepared[0]), prepared[0], target[0])
@@ -630,7 +480,7 @@ class LayerGradients:
 
             @contextlib.contextmanager
             def into(classes: slice) -> Iterator[None]:
-                target[:] = [SketchTotal(features[classes].zero_())]
+                target[:] = [projector.running_sum(features[classes].zero_())]
                 yield
                 target.pop().result()
 
@@ -669,7 +519,7 @@ class LayerGradients:
 
         handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
         try:
-            with _explicit_attention(self.model, self.blocks):
+            with explicit_attention(supported_attentions(self.model), self.blocks):
                 logits = check_logits(self.task.forward(self.model, inputs), batch_size_of(inputs))
         finally:
             for h in handles:
@@ -757,14 +607,14 @@ class LayerGradients:
                     blk = index[id(module)]
                     calls[blk.name] += 1
                     outputs.setdefault(blk.name, set()).add(output.grad_fn)
-                    if n > 1 and blk.kind == "embedding" and args[0].shape[:1] == output.shape[:1] == (1,):
+                    if n > 1 and blk.kind == BlockKind.EMBEDDING and args[0].shape[:1] == output.shape[:1] == (1,):
                         broadcast.add(blk.name)
                     elif args[0].shape[:1] != (n,) or output.shape[:1] != (n,):
                         wrong_batch.add(blk.name)
 
                 handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
                 try:
-                    with _explicit_attention(self.model, self.blocks):
+                    with explicit_attention(supported_attentions(self.model), self.blocks):
                         logits = check_logits(self.task.forward(self.model, sample), n)
                 finally:
                     for h in handles:
@@ -780,61 +630,3 @@ class LayerGradients:
         if around - wrong_batch:
             self._fall_back([blk.name for blk in self.blocks if blk.name in around],
                             "uses its parameters outside its own forward as well (e.g. a weight tied to another layer)")
-
-
-# -- exact kernels from signals ------------------------------------------------------------------------
-
-
-def gram_factors(signals: list[LayerSignals]) -> list[LayerSignals]:
-    """The signals in the form that is cheaper for exact inner products, block by block.
-
-    Linear-like blocks keep their factors (the Gram of a pair costs ``T·T'·(cols + C·rows)``); blocks
-    whose positions make that dearer than the gradient itself (``C·rows·cols``), and normalisation
-    blocks, are replaced by their formed per-example gradients, as ``flat`` blocks. The uses of a tied
-    weight are replaced by one ``flat`` block of their summed gradients.
-    """
-    uses = Counter(sig.block.params for sig in signals)
-    out, tied = [], {}
-    for sig in signals:
-        blk, classes = sig.block, sig.grads.shape[0]
-        if uses[blk.params] > 1:
-            keep = False
-        elif blk.kind == "outer":
-            t = sig.inputs.shape[1]
-            keep = t * t * (blk.groups * blk.cols + classes * blk.rows) <= classes * blk.rows * blk.cols
-        else:
-            keep = blk.kind != "scale"
-        if keep:
-            out.append(sig)
-            continue
-        grads = sig.matrix().flatten(2).transpose(0, 1)
-        if blk.params in tied:
-            tied[blk.params].grads = tied[blk.params].grads + grads
-        else:
-            flat = Block(blk.name, "flat", blk.params, 1, blk.size, 1, blk.shapes, blk.module)
-            out.append(LayerSignals(flat, None, grads))
-            if uses[blk.params] > 1:
-                tied[blk.params] = out[-1]
-    return out
-
-
-def signal_gram(signals_a: list[LayerSignals], signals_b: list[LayerSignals]) -> torch.Tensor:
-    """``Σ_c <G_c(x), G_c(x')>`` between the examples of two batches, ``[Ba, Bb]``, summed over blocks:
-    ``(δ·δ')(a·a')`` summed over positions for linear-like blocks, token matches for embeddings."""
-    total = None
-    for sa, sb in zip(signals_a, signals_b):
-        kind = sa.block.kind
-        if kind == "flat":
-            k = torch.einsum("cbp,csp->bs", sa.grads, sb.grads)
-        elif kind == "outer":
-            g = sa.inputs.shape[2]
-            da, db = (s.grads.unflatten(-1, (g, -1)) for s in (sa, sb))  # [C, B, T, g, rows/g]
-            same_inputs = torch.einsum("btgi,sugi->gbtsu", sa.inputs, sb.inputs)
-            same_grads = torch.einsum("cbtgo,csugo->gbtsu", da, db)
-            k = (same_inputs * same_grads).sum((0, 2, 4))
-        else:  # embedding: a token's one-hot inputs match only the same token
-            same_inputs = sa.inputs[:, :, None, None] == sb.inputs[None, None]
-            same_grads = torch.einsum("cbtj,csuj->btsu", sa.grads, sb.grads)
-            k = (same_grads * same_inputs).sum((1, 3))
-        total = k if total is None else total + k
-    return total

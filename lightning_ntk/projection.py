@@ -20,11 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .jacobian import DEFAULT_MEMORY_BUDGET
+from .blocks import Block, BlockKind
+from .layers import gather_columns, hash_positions
+
 DENSE_KINDS = ("rademacher", "gaussian")
 PROJECTOR_KINDS = DENSE_KINDS + ("sketch",)
 PRODUCT_PRECISIONS = ("auto", "float32", "bfloat16")
 BLOCK_ELEMENTS = 1 << 22  # float32 entries per generated block of R: part of R's definition for a seed
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes: the largest buffer a featurization step may allocate
 
 
 def seeded_generator(*key: int) -> torch.Generator:
@@ -163,11 +166,6 @@ def _fold_into(x: torch.Tensor, k: int, offset: int, out: torch.Tensor, chunked:
         add(out[..., : n - head - whole], head + whole, n)
 
 
-def gather_columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[..., index]``, gathered as a matrix (much faster than along the last of several dimensions)."""
-    return x.reshape(-1, x.shape[-1]).index_select(1, index).view(*x.shape[:-1], len(index))
-
-
 def _hash_row(g: torch.Tensor, h: BlockHash, k: int, out: torch.Tensor, chunked: bool) -> None:
     """Add the count-sketch of gradients with one row, ``[..., cols]`` formed as they are, to ``out``."""
     _fold_into(gather_columns(g, h.col_index).mul_(h.col_sign * h.row_sign), k, h.offset, out, chunked)
@@ -226,17 +224,10 @@ def bfloat16_products(precision: str, dtype: torch.dtype, device: torch.device) 
     return precision == "bfloat16" or (device.type == "cpu" and has_bfloat16_matrix_units())
 
 
-def hash_positions(blocks: list) -> list[int]:
-    """The position in the layout whose hash each block uses: its own, or that of the first block holding
-    the same parameters (the uses of a weight tied between modules), so that their sketches add up to
-    the sketch of the weight's gradient."""
-    first: dict[tuple, int] = {}
-    return [first.setdefault(blk.params, position) for position, blk in enumerate(blocks)]
-
-
 class SketchProjector:
     """A count-sketch ``R`` (``K × P``, one ``±1`` per column, no scaling: ``E[<Ru, Rv>] = <u, v>``)
-    applied to per-layer signals without forming per-example gradients.
+    applied to per-layer signals without forming per-example gradients: a
+    :class:`~lightning_ntk.layers.SignalProjector`.
 
     Each layer's gradient matrix gets a tensor-sketch-shaped hash (see :class:`BlockHash`): bucket
     ``offset + o·cols + π(i)`` and sign ``s_r(o)·s_c(i)`` for entry ``(o, i)``. For a layer whose
@@ -349,6 +340,9 @@ class SketchProjector:
 
     __call__ = project
 
+    def running_sum(self, out: torch.Tensor) -> SketchTotal:
+        return SketchTotal(out)
+
     def column_order(self, position: int, block, device: torch.device) -> torch.Tensor:
         """The order in which :meth:`prepare` wants an ``outer`` block's input columns (``ordered=True``),
         so that they can be gathered in it at once."""
@@ -360,7 +354,7 @@ class SketchProjector:
         ``[B, T, groups, cols]`` (on the FFT route, the spectra of their count-sketches, ``[B, T, groups,
         K/2+1]``); other blocks' inputs as they are. ``ordered``: the columns are already in
         :meth:`column_order`."""
-        if inputs is None or block.kind != "outer":
+        if inputs is None or block.kind != BlockKind.OUTER:
             return inputs
         h = self.block_hash(position, block, inputs.device, dtype)
         a = inputs.to(dtype) if ordered else gather_columns(inputs.to(dtype), h.col_index)
@@ -383,15 +377,15 @@ class SketchProjector:
         h = self.block_hash(position, block, grads.device, dtype)
         d = grads.to(dtype)
         if into is None:
-            into = SketchTotal(d.new_zeros(*d.shape[:2], self.projection_dim))
+            into = self.running_sum(d.new_zeros(*d.shape[:2], self.projection_dim))
         if prepared is None:
             prepared = self.prepare(position, block, inputs, dtype)
         k, out, chunked = self.projection_dim, into.folded, self._chunked(d.device)
-        if block.kind == "flat":
+        if block.kind == BlockKind.FLAT:
             _hash_row(d, h, k, out, chunked)
-        elif block.kind == "embedding":
+        elif block.kind == BlockKind.EMBEDDING:
             self._embedding(block, h, prepared, d, out)
-        elif block.kind == "scale":
+        elif block.kind == BlockKind.SCALE:
             x = prepared.to(dtype)
             parts = [(d * x).sum(2) if p.endswith("weight") else d.sum(2) for p in block.params]
             _hash_row(torch.cat(parts, dim=-1), h, k, out, chunked)

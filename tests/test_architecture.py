@@ -8,10 +8,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "lightning_ntk"
 
 # ARCHITECTURE.md's diagram, stage by stage: each may import any module of an earlier stage or its own
-# (layers falls back to jacobian; attribution takes predictions from metrics).
+# (layers plans blocks, rewrites attention and falls back to jacobian; attribution takes predictions from metrics).
 STAGES = [
     ["task"],
-    ["jacobian", "layers"],
+    ["jacobian", "attention", "blocks", "layers"],
     ["projection"],
     ["featurize"],
     ["kernels"],
@@ -30,10 +30,9 @@ BESIDE = {  # importable by every stage; what they may import themselves
     "dashboards": set(),  # what the callback logs to (callback ─► dashboards): it imports nothing of the package
     "sharding": set(),  # the collectives of a fit sharded over ranks: torch.distributed only
 }
-# Edges against the arrows that remain until the modules are split: the gradient engines take the
-# memory budget and the sketch's column gathering from projection, and the surrogate takes the
-# predicted classes from metrics.
-ALLOWED_FOR_NOW = {("jacobian", "projection"), ("layers", "projection"), ("surrogate", "metrics")}
+# Edges against the arrows that remain until the modules are split: the surrogate takes the predicted
+# classes from metrics.
+ALLOWED_FOR_NOW = {("surrogate", "metrics")}
 
 
 def allowed_imports(module: str) -> set[str]:

@@ -203,7 +203,7 @@ def test_factored_kernel_equals_the_vmap_kernel(case):
 
 def test_factored_kernel_keeps_factors_where_they_are_cheaper():
     model, x = conv_net().double(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    forms = {sig.block.name: sig.block.kind for sig in ln.layers.gram_factors(LayerGradients(model)(x))}
+    forms = {sig.block.name: sig.block.kind for sig in ln.kernels.gram_factors(LayerGradients(model)(x))}
     assert forms == {"0": "flat", "1": "flat", "3": "flat", "5": "outer", "7": "outer"}
 
 
