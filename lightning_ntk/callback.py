@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import dashboards
 from .attribution import Attribution, attribute, suspicious
 from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig, refuse_moved_options
+from .errors import LabelError
 from .featurize import model_device_dtype, retained_heap
 from .metrics import predictions
 from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, describe_params, entry_name, example_set
@@ -324,7 +325,7 @@ class NTKAttributionCallback(L.Callback):
             try:
                 self.pipeline.check(self._reference, self._query)
             except (TypeError, ValueError) as err:
-                option = " (train_data=/query_data=)" if "labels" in str(err) else ""  # the data's fault, not the module's
+                option = " (train_data=/query_data=)" if isinstance(err, LabelError) else ""  # the data's fault, not the module's
                 hint = "" if self.module is not None or option else " If a submodule returns the logits, pass module='<its name>' to the callback."
                 raise type(err)(f"NTKAttributionCallback: {err}{option}{hint}") from err
             self._image_shape = self._resolve_image_shape(trainer)
