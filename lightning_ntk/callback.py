@@ -518,8 +518,8 @@ class NTKAttributionCallback(L.Callback):
             spec = pipeline.spec()
             request = pipeline.request(spec, self._reference, self._query)
             name = entry_name(f"epoch={epoch:04d}", request)
-            stored: dict[str, Any] = {}  # rank 0 only: the checkpoint's arrays, as memory maps of the store
-            reused = _on_rank_zero(trainer, lambda: stored.update(self._load(name, request) or {}) or bool(stored))
+            # the checkpoint's arrays, as memory maps of the store, stay on rank 0 (None elsewhere): only whether they were found is broadcast
+            stored, reused = _on_rank_zero(trainer, lambda: self._load(name, request) or {}, shared=bool)
             seconds = 0.0
             info = {"epoch": epoch, "step": trainer.global_step, "run": self._run}
 
@@ -532,7 +532,7 @@ class NTKAttributionCallback(L.Callback):
                 started = time.perf_counter()
                 with _store_options_named(), self._store.writer(name, request, info, overwrite=self.store_config.overwrite) as writer:
                     pipeline.write_features(writer, self._reference, self._query, progress=lambda side: _progress_label(trainer, side))
-                    stored.update(writer.publish())
+                    stored = writer.publish()
                     retain()
                 seconds = time.perf_counter() - started
             elif not reused:
@@ -542,16 +542,17 @@ class NTKAttributionCallback(L.Callback):
                     query, logits = self._gathered_features(trainer, self._query, with_logits=True)
                 seconds = time.perf_counter() - started
 
-                def save() -> None:
+                def save() -> dict[str, Any]:
                     features = CheckpointFeatures(reference, self._reference.labels, self._reference.indices, query, self._query.labels, self._query.indices, logits)
                     with _store_options_named():
-                        stored.update(self._store.save(name, request, features.arrays(), info, overwrite=self.store_config.overwrite))
+                        saved = self._store.save(name, request, features.arrays(), info, overwrite=self.store_config.overwrite)
                         retain()
+                    return saved
 
-                _on_rank_zero(trainer, save)
-            media: list[Any] = []
+                stored, _ = _on_rank_zero(trainer, save, shared=lambda saved: None)
 
-            def evaluate() -> CheckpointRecord:
+            def evaluate(stored: dict[str, Any]) -> tuple[CheckpointRecord, list[Any]]:
+                """The checkpoint's record (broadcast) and its media for the dashboards (rank 0's)."""
                 with _fit_progress(trainer, self.surrogate_config.max_iter) as progress:
                     self._last = pipeline.evaluate(CheckpointFeatures.from_arrays(stored), spec, self._last, epoch=epoch, step=trainer.global_step,
                                                    featurize_seconds=seconds, store_reused=reused, progress=progress)
@@ -560,10 +561,9 @@ class NTKAttributionCallback(L.Callback):
                 self._kept = _spread(kept + [pipeline.keep_weights(self._last) if self.ensemble > 1 else self._last], self.ensemble)
                 if self.store_config.keep_last == "ensemble":
                     self._release(held - {c.record.epoch for c in self._kept})
-                media[:] = [pipeline.fidelity_scores(self._last), self._attribution_table(trainer), self._suspicious_table(trainer)]
-                return self._last.record
+                return self._last.record, [pipeline.fidelity_scores(self._last), self._attribution_table(trainer), self._suspicious_table(trainer)]
 
-            record = _on_rank_zero(trainer, evaluate)
+            evaluated, record = _on_rank_zero(trainer, lambda: evaluate(stored), shared=lambda evaluated: evaluated[0])
         self._history.append(record)
         if trainer.is_global_zero:
             rank_zero_info(
@@ -576,8 +576,9 @@ class NTKAttributionCallback(L.Callback):
             )
         dashboards.log_scalars(trainer.loggers, record, self.prefix)
         if trainer.is_global_zero:
+            scores, table, suspicious_table = evaluated[1]
             for run in dashboards.wandb_runs(trainer.loggers):
-                dashboards.log_checkpoint_media(run, self._history, *media[0], table=media[1], suspicious=media[2], prefix=self.prefix)
+                dashboards.log_checkpoint_media(run, self._history, *scores, table=table, suspicious=suspicious_table, prefix=self.prefix)
             dashboards.log_history_plots(trainer.loggers, self._history, self.prefix)
 
     def _release(self, epochs: set[int]) -> None:
@@ -717,20 +718,22 @@ def _store_options_named() -> Iterator[None]:
         ) from err
 
 
-def _on_rank_zero(trainer: L.Trainer, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 and broadcast its (small) result; a failure there is raised on every rank
-    instead of leaving the others waiting in a collective."""
-    result, error = None, None
+def _on_rank_zero(trainer: L.Trainer, fn: Callable[[], Any], shared: Callable[[Any], Any] = lambda result: result) -> tuple[Any, Any]:
+    """Run ``fn`` on rank 0 and broadcast ``shared(result)``, a small part of its result, to every rank: returns
+    ``(result, shared(result))``, ``result`` being None on the other ranks. A failure on rank 0 is raised on every
+    rank instead of leaving the others waiting in a collective."""
+    result, common, error = None, None, None
     if trainer.is_global_zero:
         try:
             result = fn()
+            common = shared(result)
         except Exception as err:  # re-raised below, after the other ranks have been told
             if trainer.world_size == 1:
                 raise
             error = err
-    result, message = trainer.strategy.broadcast((result, None if error is None else f"{type(error).__name__}: {error}"), src=0)
+    common, message = trainer.strategy.broadcast((common, None if error is None else f"{type(error).__name__}: {error}"), src=0)
     if error is not None:
         raise error
     if message is not None:
         raise RuntimeError(f"NTKAttributionCallback failed on rank 0: {message}")
-    return result
+    return result, common
