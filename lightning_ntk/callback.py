@@ -19,6 +19,7 @@ import random
 import tempfile
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -199,6 +200,9 @@ class NTKAttributionCallback(L.Callback):
         # Under ddp_spawn the fit runs in child processes: rank 0 hands its results back through this file.
         self._creator = os.getpid()
         self._handoff = Path(tempfile.gettempdir()) / f"lightning_ntk-{uuid.uuid4().hex}.pt"
+        # not left behind when the results are never read: removed when this callback is collected or, at the latest,
+        # when the interpreter exits (a finalizer is not pickled, so the spawned processes hold none)
+        weakref.finalize(self, _remove_handoff, self._handoff)
         self._resumed: dict[str, Any] | None = None  # the state a resumed fit brought back
         self._foreign: dict[str, Any] = {}  # states of other NTKAttributionCallbacks in the resumed checkpoint
         self._run = uuid.uuid4().hex  # tags the store entries this run writes, so that keep_last deletes only its own
@@ -716,6 +720,11 @@ def _store_options_named() -> Iterator[None]:
             "newest checkpoint, store={'dtype': 'float16'} halves it, and smaller subsets={'max_train_examples': ...} or "
             "projection={'dim': ...} store less."
         ) from err
+
+
+def _remove_handoff(path: Path) -> None:
+    """Delete a hand-back file nobody read (a finalizer's, so it must not hold the callback)."""
+    path.unlink(missing_ok=True)
 
 
 def _on_rank_zero(trainer: L.Trainer, fn: Callable[[], Any], shared: Callable[[Any], Any] = lambda result: result) -> tuple[Any, Any]:
