@@ -4,6 +4,7 @@ from .attribution import Attribution, attribute
 from .callback import NTKAttributionCallback
 from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig
 from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, project_features
+from .errors import LabelError, LogitsError, LogitsShapeError, LogitsTypeError
 from .jacobian import FunctionalForwardError, NonFiniteGradientError
 from .kernels import exact_kernel, factored_kernel, kernel_blocks, kernel_from_features
 from .metrics import KendallTau, SurrogateFidelity
@@ -27,6 +28,10 @@ __all__ = [
     "Featurizer",
     "FidelityPipeline",
     "FunctionalForwardError",
+    "LabelError",
+    "LogitsError",
+    "LogitsShapeError",
+    "LogitsTypeError",
     "KendallTau",
     "Kernel",
     "KernelSurrogate",

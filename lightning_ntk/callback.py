@@ -19,6 +19,7 @@ import random
 import tempfile
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from . import dashboards
 from .attribution import Attribution, attribute, suspicious
 from .config import ProjectionConfig, StoreConfig, SubsetConfig, SurrogateConfig, refuse_moved_options
+from .errors import LabelError
 from .featurize import model_device_dtype, retained_heap
 from .metrics import predictions
 from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, describe_params, entry_name, example_set
@@ -198,6 +200,9 @@ class NTKAttributionCallback(L.Callback):
         # Under ddp_spawn the fit runs in child processes: rank 0 hands its results back through this file.
         self._creator = os.getpid()
         self._handoff = Path(tempfile.gettempdir()) / f"lightning_ntk-{uuid.uuid4().hex}.pt"
+        # not left behind when the results are never read: removed when this callback is collected or, at the latest,
+        # when the interpreter exits (a finalizer is not pickled, so the spawned processes hold none)
+        weakref.finalize(self, _remove_handoff, self._handoff)
         self._resumed: dict[str, Any] | None = None  # the state a resumed fit brought back
         self._foreign: dict[str, Any] = {}  # states of other NTKAttributionCallbacks in the resumed checkpoint
         self._run = uuid.uuid4().hex  # tags the store entries this run writes, so that keep_last deletes only its own
@@ -324,7 +329,7 @@ class NTKAttributionCallback(L.Callback):
             try:
                 self.pipeline.check(self._reference, self._query)
             except (TypeError, ValueError) as err:
-                option = " (train_data=/query_data=)" if "labels" in str(err) else ""  # the data's fault, not the module's
+                option = " (train_data=/query_data=)" if isinstance(err, LabelError) else ""  # the data's fault, not the module's
                 hint = "" if self.module is not None or option else " If a submodule returns the logits, pass module='<its name>' to the callback."
                 raise type(err)(f"NTKAttributionCallback: {err}{option}{hint}") from err
             self._image_shape = self._resolve_image_shape(trainer)
@@ -518,8 +523,8 @@ class NTKAttributionCallback(L.Callback):
             spec = pipeline.spec()
             request = pipeline.request(spec, self._reference, self._query)
             name = entry_name(f"epoch={epoch:04d}", request)
-            stored: dict[str, Any] = {}  # rank 0 only: the checkpoint's arrays, as memory maps of the store
-            reused = _on_rank_zero(trainer, lambda: stored.update(self._load(name, request) or {}) or bool(stored))
+            # the checkpoint's arrays, as memory maps of the store, stay on rank 0 (None elsewhere): only whether they were found is broadcast
+            stored, reused = _on_rank_zero(trainer, lambda: self._load(name, request) or {}, shared=bool)
             seconds = 0.0
             info = {"epoch": epoch, "step": trainer.global_step, "run": self._run}
 
@@ -532,7 +537,7 @@ class NTKAttributionCallback(L.Callback):
                 started = time.perf_counter()
                 with _store_options_named(), self._store.writer(name, request, info, overwrite=self.store_config.overwrite) as writer:
                     pipeline.write_features(writer, self._reference, self._query, progress=lambda side: _progress_label(trainer, side))
-                    stored.update(writer.publish())
+                    stored = writer.publish()
                     retain()
                 seconds = time.perf_counter() - started
             elif not reused:
@@ -542,16 +547,17 @@ class NTKAttributionCallback(L.Callback):
                     query, logits = self._gathered_features(trainer, self._query, with_logits=True)
                 seconds = time.perf_counter() - started
 
-                def save() -> None:
+                def save() -> dict[str, Any]:
                     features = CheckpointFeatures(reference, self._reference.labels, self._reference.indices, query, self._query.labels, self._query.indices, logits)
                     with _store_options_named():
-                        stored.update(self._store.save(name, request, features.arrays(), info, overwrite=self.store_config.overwrite))
+                        saved = self._store.save(name, request, features.arrays(), info, overwrite=self.store_config.overwrite)
                         retain()
+                    return saved
 
-                _on_rank_zero(trainer, save)
-            media: list[Any] = []
+                stored, _ = _on_rank_zero(trainer, save, shared=lambda saved: None)
 
-            def evaluate() -> CheckpointRecord:
+            def evaluate(stored: dict[str, Any]) -> tuple[CheckpointRecord, list[Any]]:
+                """The checkpoint's record (broadcast) and its media for the dashboards (rank 0's)."""
                 with _fit_progress(trainer, self.surrogate_config.max_iter) as progress:
                     self._last = pipeline.evaluate(CheckpointFeatures.from_arrays(stored), spec, self._last, epoch=epoch, step=trainer.global_step,
                                                    featurize_seconds=seconds, store_reused=reused, progress=progress)
@@ -560,10 +566,9 @@ class NTKAttributionCallback(L.Callback):
                 self._kept = _spread(kept + [pipeline.keep_weights(self._last) if self.ensemble > 1 else self._last], self.ensemble)
                 if self.store_config.keep_last == "ensemble":
                     self._release(held - {c.record.epoch for c in self._kept})
-                media[:] = [pipeline.fidelity_scores(self._last), self._attribution_table(trainer), self._suspicious_table(trainer)]
-                return self._last.record
+                return self._last.record, [pipeline.fidelity_scores(self._last), self._attribution_table(trainer), self._suspicious_table(trainer)]
 
-            record = _on_rank_zero(trainer, evaluate)
+            evaluated, record = _on_rank_zero(trainer, lambda: evaluate(stored), shared=lambda evaluated: evaluated[0])
         self._history.append(record)
         if trainer.is_global_zero:
             rank_zero_info(
@@ -576,8 +581,9 @@ class NTKAttributionCallback(L.Callback):
             )
         dashboards.log_scalars(trainer.loggers, record, self.prefix)
         if trainer.is_global_zero:
+            scores, table, suspicious_table = evaluated[1]
             for run in dashboards.wandb_runs(trainer.loggers):
-                dashboards.log_checkpoint_media(run, self._history, *media[0], table=media[1], suspicious=media[2], prefix=self.prefix)
+                dashboards.log_checkpoint_media(run, self._history, *scores, table=table, suspicious=suspicious_table, prefix=self.prefix)
             dashboards.log_history_plots(trainer.loggers, self._history, self.prefix)
 
     def _release(self, epochs: set[int]) -> None:
@@ -717,20 +723,27 @@ def _store_options_named() -> Iterator[None]:
         ) from err
 
 
-def _on_rank_zero(trainer: L.Trainer, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 and broadcast its (small) result; a failure there is raised on every rank
-    instead of leaving the others waiting in a collective."""
-    result, error = None, None
+def _remove_handoff(path: Path) -> None:
+    """Delete a hand-back file nobody read (a finalizer's, so it must not hold the callback)."""
+    path.unlink(missing_ok=True)
+
+
+def _on_rank_zero(trainer: L.Trainer, fn: Callable[[], Any], shared: Callable[[Any], Any] = lambda result: result) -> tuple[Any, Any]:
+    """Run ``fn`` on rank 0 and broadcast ``shared(result)``, a small part of its result, to every rank: returns
+    ``(result, shared(result))``, ``result`` being None on the other ranks. A failure on rank 0 is raised on every
+    rank instead of leaving the others waiting in a collective."""
+    result, common, error = None, None, None
     if trainer.is_global_zero:
         try:
             result = fn()
+            common = shared(result)
         except Exception as err:  # re-raised below, after the other ranks have been told
             if trainer.world_size == 1:
                 raise
             error = err
-    result, message = trainer.strategy.broadcast((result, None if error is None else f"{type(error).__name__}: {error}"), src=0)
+    common, message = trainer.strategy.broadcast((common, None if error is None else f"{type(error).__name__}: {error}"), src=0)
     if error is not None:
         raise error
     if message is not None:
         raise RuntimeError(f"NTKAttributionCallback failed on rank 0: {message}")
-    return result
+    return result, common

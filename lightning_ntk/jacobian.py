@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .errors import LogitsError, LogitsShapeError, LogitsTypeError
 from .task import Task, batch_size_of, differentiable, slice_inputs
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes: the largest buffer a featurization step may allocate
@@ -194,12 +195,12 @@ def refuse_batch_statistics(model: nn.Module) -> None:
 def check_logits(output: Any, batch_size: int) -> torch.Tensor:
     """Refuse anything but a ``[B, C]`` floating tensor of logits."""
     if not isinstance(output, torch.Tensor):
-        raise TypeError(
+        raise LogitsTypeError(
             f"The model's logits are a {type(output).__name__}, not a tensor. Tell the engine where the [batch, classes] "
             "logits are in the model's output with task=Task(output=<key, attribute, index or callable>)."
         )
     if output.ndim != 2 or output.shape[0] != batch_size or not output.is_floating_point():
-        raise ValueError(
+        raise LogitsShapeError(
             f"The model must return classification logits of shape [batch, classes] = [{batch_size}, C] "
             f"(a single column for a binary classifier), but returned {tuple(output.shape)} ({output.dtype}). "
             "Reshape the output in forward, or wrap the model, so that it returns [B, C] logits before any softmax."
@@ -325,9 +326,9 @@ class PerExampleGradients:
         with eval_mode(self.model), torch.no_grad():  # no graph through the parameters left out
             try:
                 return transform(params, chunk)
+            except LogitsError:
+                raise
             except Exception as err:
-                if isinstance(err, (TypeError, ValueError)) and "logits" in str(err):
-                    raise
                 where, _ = _locate_failure(self.model, lambda: transform(params, slice_inputs(chunk, 0, 1)))
                 self._cause = f"torch.func (vmap/jacrev) cannot run {where}: {type(err).__name__}: {err}"
         self._loop = True
@@ -346,9 +347,9 @@ class PerExampleGradients:
                     logits = check_logits(self.task.forward(self.model, example), 1)[0]
                     outputs = [logits.sum()] if summed else list(logits)
                     per_class = [torch.autograd.grad(out, params, retain_graph=True, allow_unused=True, materialize_grads=True) for out in outputs]
+                except LogitsError:
+                    raise
                 except Exception as err:
-                    if isinstance(err, (TypeError, ValueError)) and "logits" in str(err):
-                        raise
                     where, fix = _locate_failure(self.model, lambda: self.task.forward(self.model, example))
                     raise FunctionalForwardError(
                         f"Per-example gradients cannot be computed: {self._cause}; and one example alone fails in {where} "

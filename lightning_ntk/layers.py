@@ -568,17 +568,22 @@ class LayerGradients:
         parts = []
         for start in range(0, len(seeds), size):
             group = seeds[start : start + size]
+            unbatchable = False
             if self._vmap_backward:
                 self._vmapping = True
                 try:
                     with around(slice(start, start + len(group))):
                         parts.append(vmap(backward)(group))
                     continue
+                except torch.OutOfMemoryError:
+                    pass  # this group class by class, one class's gradients at a time; the next groups batched again
                 except RuntimeError:
-                    self._vmap_backward = False
+                    unbatchable = True  # an operation without a batching rule, if one class at a time runs
                 finally:
                     self._vmapping = False
             parts.append(loop(group, start))
+            if unbatchable:
+                self._vmap_backward = False  # the backward runs class by class but not batched: for good
         return [torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts)]
 
     def _check_structure(self, inputs: Any) -> None:

@@ -15,6 +15,8 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from .errors import LabelError
+
 SCORES = ("true_class", "predicted_class", "logits")
 
 
@@ -94,7 +96,7 @@ def check_label_range(labels: torch.Tensor, num_logits: int, what: str = "The la
     """Refuse labels outside the classes of a network with ``num_logits`` logits (two for a single logit)."""
     classes = max(2, num_logits)
     if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
-        raise ValueError(
+        raise LabelError(
             f"{what} hold labels {int(labels.min())}..{int(labels.max())}, outside the {classes} classes of the network's "
             f"{num_logits} logit(s). {fix or 'Check that the data use the training classes, or the model its output size.'}"
         )
@@ -107,7 +109,7 @@ def _check_inputs(network_logits: torch.Tensor, surrogate_logits: torch.Tensor, 
             "be [M, C] with the same shape: fit the surrogate with num_outputs equal to the network's number of logits."
         )
     if labels.ndim != 1 or labels.shape[0] != network_logits.shape[0]:
-        raise ValueError(f"Expected one label per example ({network_logits.shape[0]}), got labels of shape {tuple(labels.shape)}.")
+        raise LabelError(f"Expected one label per example ({network_logits.shape[0]}), got labels of shape {tuple(labels.shape)}.")
     check_label_range(labels, network_logits.shape[1], fix="Check that the query set uses the training set's classes.")
 
 

@@ -33,6 +33,7 @@ from torch.utils.data.dataloader import default_collate
 from .attribution import Attribution, attribute, suspicious
 from .checks import check_count
 from .config import ProjectionConfig, SubsetConfig, SurrogateConfig, refuse_moved_options
+from .errors import LabelError
 from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, model_device_dtype, retained_heap, stream_batches, stream_features
 from .jacobian import NonFiniteGradientError, check_logits, eval_mode, non_finite_rows_kept, select_parameters, state_fingerprint
 from .kernels import DEFAULT_BLOCK_SIZE, as_tensor, kernel_from_features
@@ -115,21 +116,21 @@ class ExampleSet:
 def _class_indices(labels: Any, name: str) -> torch.Tensor:
     """A batch's labels as a ``[B]`` long tensor of class indices, or an error that says how to get one."""
     if labels is None:
-        raise ValueError(
+        raise LabelError(
             f"The {name} set's batches carry no labels, but the surrogate is fitted on labels and scored against "
             "them: yield (inputs, labels) batches or pass task=Task(labels=...)."
         )
     try:
         y = torch.as_tensor(labels)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(
+        raise LabelError(
             f"The {name} set's labels must be class indices (integers), got {type(labels).__name__} "
             f"({str(labels)[:60]}): map them to integers in the dataset, or pass task=Task(labels=...)."
         ) from err
     if y.ndim > 1 and y.shape[1:].numel() == 1:
         y = y.reshape(-1)
     if y.ndim != 1 or y.dtype == torch.bool or y.is_complex() or (y.is_floating_point() and not torch.equal(y, y.round())):
-        raise ValueError(
+        raise LabelError(
             f"The {name} set's labels must be class indices, one per example; got a {y.dtype} tensor of shape "
             f"{tuple(y.shape)}. Convert one-hot or soft labels to class indices with task=Task(labels=...)."
         )

@@ -36,6 +36,7 @@ import torch
 from torch.nn import functional as F
 
 from .checks import FORMULATIONS, check_alpha, check_choice, check_count, check_solver_options
+from .errors import LabelError
 from .featurize import FeatureSpec
 from .jacobian import all_finite
 from .kernels import DEFAULT_BLOCK_SIZE, UnitRows, as_tensor, unit_rows
@@ -754,7 +755,7 @@ class KernelSurrogate(L.LightningModule):
 def check_several_classes(labels: torch.Tensor) -> None:
     """Refuse training labels of one class: the fit would have no minimum."""
     if labels.unique().numel() < 2:
-        raise ValueError(
+        raise LabelError(
             f"All {labels.numel()} training labels are {int(labels[0])}: a classifier needs examples of at least two classes "
             "(with one, its objective has no minimum). Fit on a training subset that holds several classes."
         )
@@ -763,14 +764,14 @@ def check_several_classes(labels: torch.Tensor) -> None:
 def _labels(train_labels: Any, num_train: int, num_outputs: int | None) -> tuple[torch.Tensor, int]:
     labels = as_tensor(train_labels).flatten()
     if labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(f"Labels must be integer class indices, got {labels.dtype}.")
+        raise LabelError(f"Labels must be integer class indices, got {labels.dtype}.")
     labels = labels.long()
     if labels.numel() != num_train:
-        raise ValueError(
+        raise LabelError(
             f"Got {labels.numel()} labels for {num_train} training points: pass one label per row of the training kernel/features."
         )
     if labels.min() < 0:
-        raise ValueError(f"Labels must be class indices ≥ 0, got {int(labels.min())}.")
+        raise LabelError(f"Labels must be class indices ≥ 0, got {int(labels.min())}.")
     check_several_classes(labels)
     classes = int(labels.max()) + 1
     outputs = num_outputs if num_outputs is not None else max(classes, 2)

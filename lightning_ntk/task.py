@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .errors import LogitsTypeError
+
 LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 
 Selector = Union[Callable[[Any], Any], str, int, None]
@@ -148,13 +150,13 @@ class Task:
         return self.decode(ids.flatten().tolist())
 
 
-def _missing_logits(output: Any, described: str, wanted: Any) -> TypeError:
+def _missing_logits(output: Any, described: str, wanted: Any) -> LogitsTypeError:
     hint = (
         "pass task=Task(output=<key, attribute or index>) naming where the logits are, or task=Task(output=lambda out: ...)"
     )
     if isinstance(output, (tuple, list)):
         hint = "pass task=Task(output=0) if the logits come first (Hugging Face models with return_dict=False), or " + hint.removeprefix("pass ")
-    return TypeError(f"The model returned {described}, with no logits at {wanted!r}: {hint}.")
+    return LogitsTypeError(f"The model returned {described}, with no logits at {wanted!r}: {hint}.")
 
 
 def batch_size_of(inputs: Any) -> int:

@@ -25,6 +25,7 @@ STAGES = [
 BESIDE = {  # importable by every stage; what they may import themselves
     "version": set(),
     "checks": set(),
+    "errors": set(),  # the library's exception types: built-in bases only
     "registry": set(),
     "config": {"checks", "projection"},  # projection's option checks: pure torch, no Lightning
     "dashboards": set(),  # what the callback logs to (callback ─► dashboards): it imports nothing of the package

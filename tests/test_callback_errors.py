@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from conftest import DigitsMLP, fit, small_callback
 from torch.utils.data import Dataset
 
-from lightning_ntk import NTKAttributionCallback, StoreError, Task
+from lightning_ntk import LabelError, NTKAttributionCallback, StoreError, Task
 from lightning_ntk.demos import load_digits_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two contending ones
@@ -132,3 +132,29 @@ def test_full_disk_keeps_what_was_logged(tmp_path):
     logged = [row for row in csv.DictReader(metrics_file.open()) if row.get("ntk/kendall_tau")]
     assert [float(row["ntk/kendall_tau"]) for row in logged] == [pytest.approx(callback.history[0].kendall_tau)]
     assert not [p for p in (metrics_file.parent / "ntk_store").iterdir() if p.name.startswith(".")]  # no half-written entry left
+
+
+class NeedsLabels(DigitsMLP):
+    """A forward that wants labels as an argument (as some Hugging Face models do)."""
+
+    def forward(self, x, labels):
+        return super().forward(x)
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(self(*batch), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_a_model_error_that_mentions_labels_names_module_not_data(tmp_path):
+    """The hint follows the error's type (LabelError: the data), not the word "labels" in its text."""
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'labels'.*module='<its name>'") as info:
+        fit(tmp_path, [small_callback()], model=NeedsLabels())
+    assert "train_data=/query_data=" not in str(info.value)
+
+
+def test_refused_labels_are_a_label_error(tmp_path):
+    _, _, x_test, y_test = load_digits_tensors()
+    with pytest.raises(LabelError, match="query_data="):
+        fit(tmp_path, [small_callback(query_data=(x_test, y_test + 5))])

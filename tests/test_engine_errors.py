@@ -217,3 +217,29 @@ def test_attributing_with_a_checkpoint_after_the_network_moved_on():
     assert torch.equal(after.proponent_indices, before.proponent_indices)
     torch.testing.assert_close(after.proponent_scores, before.proponent_scores)
     assert all(torch.equal(v, moved[k]) for k, v in model.state_dict().items())
+
+
+class SaysLogitsUnderVmap(nn.Module):
+    """Fails under torch.func with a ValueError that mentions logits but is no fault of the logits (a bare
+    parameter, which no structured layer covers, sends it to torch.func)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3))
+        self.fail = True
+
+    def forward(self, x):
+        if self.fail and torch._C._functorch.is_functorch_wrapped_tensor(x):
+            raise ValueError("cannot scale the logits of a batched tensor")
+        return x @ self.weight
+
+
+def test_an_error_that_mentions_logits_is_routed_by_its_type():
+    """Only a LogitsError skips the loop of autograd calls; another ValueError falls back to it."""
+    model, x = SaysLogitsUnderVmap(), torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="loop of torch.autograd.grad"):
+        got = ln.exact_kernel(model, x, method="vmap")
+    model.fail = False
+    torch.testing.assert_close(got, ln.exact_kernel(model, x, method="vmap"))
+    with pytest.raises(ln.LogitsShapeError):
+        ln.exact_kernel(nn.Sequential(nn.Linear(4, 3), nn.Flatten(0)), x, method="vmap")

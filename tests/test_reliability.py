@@ -1,6 +1,7 @@
 """Faults and bad input around the callback: each either gets a clear error before training or a warning,
 and nothing logged or trained is lost (see docs/reliability.md)."""
 
+import gc
 import inspect
 import logging
 import multiprocessing
@@ -351,6 +352,22 @@ def train_with_ddp_spawn(out: Path) -> None:
     x = load_digits_tensors()[2][:3]
     explained = callback.attribute(x)
     torch.save({"epochs": [row.epoch for row in callback.history], "proponents": explained.proponent_indices.shape}, out / "result.pt")
+
+
+def test_a_hand_back_nobody_reads_is_removed():
+    """Under ddp_spawn rank 0 hands its results back through a temporary file that reading ``history`` takes
+    over: one never read is removed when the callback is collected, or at the latest when the interpreter exits."""
+    callback = NTKAttributionCallback()
+    handoff = callback._handoff
+    handoff.write_bytes(b"results")  # as a spawned rank 0 leaves it at teardown
+    del callback
+    gc.collect()
+    assert not handoff.exists()
+    script = ("import lightning_ntk as ln\ncallback = ln.NTKAttributionCallback()\n"
+              "callback._handoff.write_bytes(b'results')\nprint(callback._handoff)")  # still held at exit
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not Path(done.stdout.strip()).exists()
 
 
 @pytest.mark.slow

@@ -648,3 +648,52 @@ def test_factored_kernel_of_a_model_with_modules_that_never_run():
     g_x, g_z = brute_force_gradients(model, x), brute_force_gradients(model, z)
     for kind in ("trntk", "trntk0", "pntk"):
         torch.testing.assert_close(ln.factored_kernel(model, x, z, kind, batch_size=2), brute_force_kernel(g_x, g_z, kind), rtol=1e-9, atol=1e-12)
+
+
+class FailingBackward(torch.autograd.Function):
+    """The identity, whose backward raises ``error`` (when set) on classes batched or on any pass, and
+    counts the batched passes it sees."""
+
+    error, batched_only, batched_passes = None, True, 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        batched = torch._C._functorch.is_functorch_wrapped_tensor(grad)
+        FailingBackward.batched_passes += batched
+        if FailingBackward.error is not None and (batched or not FailingBackward.batched_only):
+            raise FailingBackward.error
+        return grad
+
+
+class Through(nn.Module):
+    def forward(self, x):
+        return FailingBackward.apply(x)
+
+
+def test_only_a_backward_without_a_batching_rule_turns_class_batching_off():
+    """An out-of-memory error runs that group of classes one by one, and the next batch is batched again;
+    an error of the backward itself (one class at a time fails too) propagates and leaves batching on."""
+    torch.manual_seed(0)
+    first, head = nn.Linear(4, 6).double(), nn.Linear(6, 3).double()
+    model = nn.Sequential(first, Through(), nn.Tanh(), head)
+    x, sketch = torch.randn(5, 4, dtype=torch.float64), ln.SketchProjector(16)
+    expected = LayerGradients(model, batch_classes=False).project(x, sketch)
+    gradients = LayerGradients(model, batch_classes=True)
+    FailingBackward.error, FailingBackward.batched_passes = torch.OutOfMemoryError("out of memory"), 0
+    try:
+        torch.testing.assert_close(gradients.project(x, sketch), expected)
+        FailingBackward.error = None
+        torch.testing.assert_close(gradients.project(x, sketch), expected)
+        assert FailingBackward.batched_passes == 2  # the second batch batched its classes again
+        FailingBackward.error, FailingBackward.batched_only = RuntimeError("the backward is broken"), False
+        with pytest.raises(RuntimeError, match="the backward is broken"):
+            gradients.project(x, sketch)
+        FailingBackward.error = None
+        torch.testing.assert_close(gradients.project(x, sketch), expected)
+        assert FailingBackward.batched_passes == 4
+    finally:
+        FailingBackward.error, FailingBackward.batched_only = None, True
