@@ -37,7 +37,7 @@ from .errors import LabelError
 from .featurize import model_device_dtype, retained_heap
 from .metrics import predictions
 from .pipeline import ARRAYS, Checkpoint, CheckpointFeatures, CheckpointRecord, ExampleSet, FidelityPipeline, describe_params, entry_name, example_set
-from .projection import DEFAULT_MEMORY_BUDGET
+from .jacobian import DEFAULT_MEMORY_BUDGET
 from .registry import get_kernel
 from .store import FeatureStore, StoreError, StoreMismatchError
 from .surrogate import KernelSurrogate

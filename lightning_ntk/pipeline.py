@@ -35,10 +35,9 @@ from .checks import check_count
 from .config import ProjectionConfig, SubsetConfig, SurrogateConfig, refuse_moved_options
 from .errors import LabelError
 from .featurize import FeatureSpec, Featurizer, embedding_features, gradient_features, model_device_dtype, retained_heap, stream_batches, stream_features
-from .jacobian import NonFiniteGradientError, check_logits, eval_mode, non_finite_rows_kept, select_parameters, state_fingerprint
+from .jacobian import DEFAULT_MEMORY_BUDGET, NonFiniteGradientError, check_logits, eval_mode, non_finite_rows_kept, select_parameters, state_fingerprint
 from .kernels import DEFAULT_BLOCK_SIZE, as_tensor, kernel_from_features
 from .metrics import SurrogateFidelity, check_label_range, fidelity_scores
-from .projection import DEFAULT_MEMORY_BUDGET
 from .registry import Kernel, get_kernel
 from .store import EntryWriter, FeatureStore, request_digest
 from .surrogate import KernelSurrogate, check_several_classes, fit_from_features, fit_from_kernel
