@@ -126,14 +126,41 @@ def library_scores(models: list[nn.Module], train_set: tuple, query_set: tuple, 
     return timed(run)
 
 
-def lds_table(name: str, args: argparse.Namespace) -> list[Row]:
+def retraining(name: str, args: argparse.Namespace) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, Retraining]:
+    """The digits of a setup, the random halves and the retraining harness (cached under ``benchmarks/results/``)."""
     make = SETUPS[name]
     x, y, xq, yq = digits(args.train, args.queries)
     subsets = random_subsets(len(x), args.retrainings, seed=1)
-    retraining = Retraining(lambda data, seed: train(make, *map(torch.stack, zip(*[data[i] for i in range(len(data))])), seed, args.epochs)[-1],
-                            torch.utils.data.TensorDataset(x, y), (xq, yq), folder=RESULTS / "retrainings", name=f"{name}-e{args.epochs}-n{args.train}")
-    margins = retraining.margins(subsets)
-    ceiling = noise_ceiling(margins, retraining.margins(subsets, seeds=range(10_000, 10_000 + len(subsets))))
+    harness = Retraining(lambda data, seed: train(make, *map(torch.stack, zip(*[data[i] for i in range(len(data))])), seed, args.epochs)[-1],
+                         torch.utils.data.TensorDataset(x, y), (xq, yq), folder=RESULTS / "retrainings", name=f"{name}-e{args.epochs}-n{args.train}")
+    return (x, y, xq, yq), subsets, harness
+
+
+def digits_parser(description: str) -> argparse.ArgumentParser:
+    """The options both attribution benchmarks share: setups, sizes, retrainings, K, threads, ``--quick``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--retrainings", type=int, default=100, help="models trained on random halves (and as many for the noise ceiling)")
+    parser.add_argument("--train", type=int, default=1000, help="training digits")
+    parser.add_argument("--queries", type=int, default=500, help="query digits")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--dim", type=int, default=1024, help="projection dimension K of both the library and TRAK")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check that it runs")
+    return parser
+
+
+def quick_sizes(args: argparse.Namespace) -> None:
+    """``--quick``: small sizes, to check that it runs."""
+    if args.quick:
+        args.retrainings, args.train, args.queries, args.epochs, args.dim = 8, 200, 40, 4, 128
+
+
+def lds_table(name: str, args: argparse.Namespace) -> list[Row]:
+    make = SETUPS[name]
+    (x, y, xq, yq), subsets, retraining_harness = retraining(name, args)
+    margins = retraining_harness.margins(subsets)
+    ceiling = noise_ceiling(margins, retraining_harness.margins(subsets, seeds=range(10_000, 10_000 + len(subsets))))
     quarters = tuple(round(args.epochs * q) for q in (0.25, 0.5, 0.75))
     run = train(make, x, y, 0, args.epochs, quarters)  # the checkpoints of one run: 25%, 50%, 75%, 100%
     others = [train(make, x, y, seed, args.epochs)[-1] for seed in range(1, 5)]
@@ -198,18 +225,8 @@ def mean_se(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    parser.add_argument("--retrainings", type=int, default=100, help="models trained on random halves (and as many for the noise ceiling)")
-    parser.add_argument("--train", type=int, default=1000, help="training digits")
-    parser.add_argument("--queries", type=int, default=500, help="query digits")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--dim", type=int, default=1024, help="projection dimension K of both the library and TRAK")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="small sizes, to check that it runs")
-    args = parser.parse_args()
-    if args.quick:
-        args.retrainings, args.train, args.queries, args.epochs, args.dim = 8, 200, 40, 4, 128
+    args = digits_parser(__doc__).parse_args()
+    quick_sizes(args)
     torch.set_num_threads(args.threads)
     for name in args.setups:
         print(f"\n### {name}: {args.train} training / {args.queries} query digits, {args.retrainings} retrainings on halves, K = {args.dim}\n")

@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attribution_quality import RESULTS, SETUPS, digits, train  # noqa: E402
+from attribution_quality import SETUPS, digits_parser, quick_sizes, retraining, train  # noqa: E402
 
 import lightning_ntk as ln  # noqa: E402
-from lightning_ntk.datamodeling import Retraining, linear_datamodeling_score, random_subsets  # noqa: E402
+from lightning_ntk.datamodeling import linear_datamodeling_score  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -41,13 +41,9 @@ def shared_top(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> float:
 
 
 def compare(name: str, args: argparse.Namespace) -> list[str]:
-    x, y, xq, yq = digits(args.train, args.queries)
-    make = SETUPS[name]
-    subsets = random_subsets(len(x), args.retrainings, seed=1)
-    retraining = Retraining(lambda data, seed: train(make, *map(torch.stack, zip(*[data[i] for i in range(len(data))])), seed, args.epochs)[-1],
-                            torch.utils.data.TensorDataset(x, y), (xq, yq), folder=RESULTS / "retrainings", name=f"{name}-e{args.epochs}-n{args.train}")
-    margins = retraining.margins(subsets)
-    model = train(make, x, y, 0, args.epochs)[-1]
+    (x, y, xq, yq), subsets, harness = retraining(name, args)
+    margins = harness.margins(subsets)
+    model = train(SETUPS[name], x, y, 0, args.epochs)[-1]
     taus: dict[str, list[float]] = {d: [] for d in DTYPES}
     lds: dict[str, list[float]] = {d: [] for d in DTYPES}
     scores: dict[str, list[torch.Tensor]] = {d: [] for d in DTYPES}
@@ -69,19 +65,12 @@ def compare(name: str, args: argparse.Namespace) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    parser.add_argument("--retrainings", type=int, default=100)
-    parser.add_argument("--train", type=int, default=1000)
-    parser.add_argument("--queries", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--dim", type=int, default=1024)
+    parser = digits_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=5, help="projection seeds")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="small sizes, to check that it runs")
     args = parser.parse_args()
+    quick_sizes(args)
     if args.quick:
-        args.retrainings, args.train, args.queries, args.epochs, args.dim, args.seeds = 8, 200, 40, 4, 128, 2
+        args.seeds = 2
     torch.set_num_threads(args.threads)
     print(f"\n{args.train} training / {args.queries} query digits, K = {args.dim}, {args.seeds} projection seeds, "
           f"{args.retrainings} retrainings, {args.threads} threads\n")
