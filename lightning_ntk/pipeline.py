@@ -507,16 +507,18 @@ class FidelityPipeline:
         the side ``name``."""
         with retained_heap(model_device_dtype(self.model)[0]):  # one heap for both sides
             for examples in (reference, query):
-                logits = self._write_side(writer, examples, progress(examples.name))
+                logits = self._write_side(writer, examples, progress(examples.name), with_logits=examples is query)
                 writer.put(f"{examples.name}_labels", examples.labels)
                 writer.put(f"{examples.name}_indices", examples.indices)
         writer.put("query_logits", logits)
 
-    def _write_side(self, writer: EntryWriter, examples: ExampleSet, progress: bool | str) -> torch.Tensor:
-        """Write one side's features into ``writer`` as they are computed; return the network's logits on it."""
+    def _write_side(self, writer: EntryWriter, examples: ExampleSet, progress: bool | str, with_logits: bool) -> torch.Tensor | None:
+        """Write one side's features into ``writer`` as they are computed; return the network's logits on it
+        (``with_logits``: kernels without a projection need a forward pass of their own for them)."""
         key, loader = f"{examples.name}_features", examples.loader(batch_size=self.batch_size)
         if self.featurizer is None:
-            features, logits = self.features(loader, with_logits=True, name=key)
+            out = self.features(loader, with_logits=with_logits, name=key)
+            features, logits = out if with_logits else (out, None)
             writer.put(key, features)
             return logits
         featurize = functools.partial(self.featurizer.featurize_batch, with_logits=True)
