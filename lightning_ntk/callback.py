@@ -528,17 +528,12 @@ class NTKAttributionCallback(L.Callback):
             seconds = 0.0
             info = {"epoch": epoch, "step": trainer.global_step, "run": self._run}
 
-            def retain() -> None:
-                if isinstance(self.store_config.keep_last, int):
-                    self._store.retain(self.store_config.keep_last, prefix="epoch=", info={"run": self._run})
-                self._written[epoch] = name
-
             if not reused and trainer.world_size == 1:  # one process: the features go to the store as they are computed
                 started = time.perf_counter()
                 with _store_options_named(), self._store.writer(name, request, info, overwrite=self.store_config.overwrite) as writer:
                     pipeline.write_features(writer, self._reference, self._query, progress=lambda side: _progress_label(trainer, side))
                     stored = writer.publish()
-                    retain()
+                    self._wrote(epoch, name)
                 seconds = time.perf_counter() - started
             elif not reused:
                 started = time.perf_counter()
@@ -551,7 +546,7 @@ class NTKAttributionCallback(L.Callback):
                     features = CheckpointFeatures(reference, self._reference.labels, self._reference.indices, query, self._query.labels, self._query.indices, logits)
                     with _store_options_named():
                         saved = self._store.save(name, request, features.arrays(), info, overwrite=self.store_config.overwrite)
-                        retain()
+                        self._wrote(epoch, name)
                     return saved
 
                 stored, _ = _on_rank_zero(trainer, save, shared=lambda saved: None)
@@ -585,6 +580,13 @@ class NTKAttributionCallback(L.Callback):
             for run in dashboards.wandb_runs(trainer.loggers):
                 dashboards.log_checkpoint_media(run, self._history, *scores, table=table, suspicious=suspicious_table, prefix=self.prefix)
             dashboards.log_history_plots(trainer.loggers, self._history, self.prefix)
+
+    def _wrote(self, epoch: int, name: str) -> None:
+        """Note a store entry this fit wrote (``keep_last="ensemble"`` deletes it once its checkpoint leaves the
+        ensemble), and apply an integer ``keep_last`` to this run's entries."""
+        if isinstance(self.store_config.keep_last, int):
+            self._store.retain(self.store_config.keep_last, prefix="epoch=", info={"run": self._run})
+        self._written[epoch] = name
 
     def _release(self, epochs: set[int]) -> None:
         """Delete the store entries this fit wrote for checkpoints that left the attribution ensemble."""
